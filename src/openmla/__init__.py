@@ -1,0 +1,31 @@
+"""openmla: fast Multi-head Latent Attention decode kernels (Triton over PyTorch).
+
+Public surface:
+    BatchMLAPagedAttentionWrapper  FlashInfer-style plan/run paged MLA decode.
+    merge_states                   LSE-merge of fp32 partial attention states.
+    reference                      the torch oracle (``openmla.reference.mla_decode_reference``).
+
+Attributes load lazily, so importing ``openmla`` does not compile or import Triton kernels; set
+``TRITON_INTERPRET=1`` before first use to run them on the CPU through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "BatchMLAPagedAttentionWrapper": "openmla.wrapper",
+    "merge_states": "openmla.merge",
+    "DecodeConfig": "openmla.config",
+}
+
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'openmla' has no attribute {name!r}")

@@ -1,0 +1,76 @@
+"""Launch configurations: frozen dataclasses chosen from a small table, never by ``if`` chains
+in the launchers.
+
+The decode table is keyed by the number of tile rows a request needs (query tokens x heads,
+rounded up to a power of two, at least 16 because ``tl.dot`` needs M >= 16). Rows beyond 64 are
+covered by several row blocks of 64.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """One launch configuration of the split-KV decode kernel."""
+
+    block_m: int  # tile rows: (query token, head) pairs of one request
+    block_n: int  # KV tokens per inner step
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"DecodeConfig.{name} must be a power of two >= 16, got {v}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"DecodeConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"DecodeConfig.num_stages must be >= 1, got {self.num_stages}")
+
+
+# rows bucket -> config. Chosen on the H100 (see benchmarks/results/); 16 rows: one warp group
+# streams 64 tokens x 1152 B per step, 3 stages keep ~200 KB of loads in flight per SM.
+_DECODE_TABLE: dict[int, DecodeConfig] = {
+    16: DecodeConfig(block_m=16, block_n=64, num_warps=4, num_stages=3),
+    32: DecodeConfig(block_m=32, block_n=64, num_warps=4, num_stages=2),
+    64: DecodeConfig(block_m=64, block_n=64, num_warps=8, num_stages=2),
+}
+MAX_BLOCK_M = 64
+
+
+def rows_bucket(rows: int) -> int:
+    """Smallest table bucket holding ``rows`` tile rows (capped at MAX_BLOCK_M)."""
+    bucket = 16
+    while bucket < rows and bucket < MAX_BLOCK_M:
+        bucket *= 2
+    return bucket
+
+
+def decode_config(rows: int) -> DecodeConfig:
+    return _DECODE_TABLE[rows_bucket(rows)]
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """How plan() cuts KV into pieces. See schedule.py."""
+
+    waves: int  # target pieces per SM over the whole batch
+    min_chunk: int  # fewest KV tokens worth a separate piece (merge traffic + launch tail)
+
+
+DEFAULT_SCHEDULE = ScheduleConfig(waves=2, min_chunk=256)
+
+
+def env_num_splits() -> int | None:
+    """``OPENMLA_NUM_SPLITS``: pin the split count of every request (A/B runs, tests)."""
+    value = os.environ.get("OPENMLA_NUM_SPLITS")
+    if value is None or value == "":
+        return None
+    n = int(value)
+    if n < 1:
+        raise ValueError(f"OPENMLA_NUM_SPLITS must be >= 1, got {n}")
+    return n

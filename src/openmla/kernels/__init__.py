@@ -1,0 +1,1 @@
+"""Triton kernels, one family per module. Launchers take tensors and derive dimensions."""

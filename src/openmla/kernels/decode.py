@@ -1,0 +1,215 @@
+"""Split-KV paged MLA decode kernel.
+
+One program handles one *work item* of the plan (a request and a KV token range) for one block
+of tile rows. A request's rows are its (query token, head) pairs, packed ``row = i * H + h``, so
+every head and every query token of a request share one pass over its KV: the ``[BLOCK_N, 576]``
+cache tile is loaded once, used as K (scores over 512 + 64 dims) and its first 512 columns as V.
+
+Work item ``w`` (arrays built by ``schedule.py``):
+    ``work_req[w]``       request index, ``-1`` for padding (the program exits);
+    ``work_kv_begin/end`` token range ``[begin, end)`` inside the request;
+    ``work_part_row[w]``  ``-1``: the range is the whole request, write ``out``/``lse`` directly;
+                          otherwise the first row of this piece's fp32 partials in ``part_o``.
+
+Softmax runs in base 2 with ``sm_scale * log2(e)`` folded into the scores; the stored LSE (final
+or partial) is natural-log. Rows that see no key get ``out = 0``, ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from openmla import _interp
+from openmla.config import DecodeConfig
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _mla_decode_kernel(
+    q_nope,
+    q_pe,
+    ckv,
+    kpe,
+    out,
+    lse,
+    part_o,
+    part_lse,
+    qo_indptr,
+    kv_indptr,
+    kv_indices,
+    kv_len,
+    work_req,
+    work_kv_begin,
+    work_kv_end,
+    work_part_row,
+    scale_log2,
+    stride_qn_t,
+    stride_qn_h,
+    stride_qp_t,
+    stride_qp_h,
+    stride_ckv_p,
+    stride_ckv_t,
+    stride_kpe_p,
+    stride_kpe_t,
+    stride_o_t,
+    stride_o_h,
+    stride_lse_t,
+    H: tl.constexpr,
+    D_CKV: tl.constexpr,
+    D_KPE: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    i_w = tl.program_id(0)
+    i_m = tl.program_id(1)
+    i_b = tl.load(work_req + i_w)
+    if i_b < 0:
+        return
+    q_begin = tl.load(qo_indptr + i_b)
+    qo_len = tl.load(qo_indptr + i_b + 1) - q_begin
+    n_rows = qo_len * H
+    if i_m * BLOCK_M >= n_rows:
+        return
+    n_kv = tl.load(kv_len + i_b)
+    kv_begin = tl.load(work_kv_begin + i_w)
+    kv_end = tl.load(work_kv_end + i_w)
+    part_row = tl.load(work_part_row + i_w)
+    page_base = tl.load(kv_indptr + i_b)
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] request-local rows
+    m_m = o_m < n_rows
+    i_tok = o_m // H
+    i_head = o_m % H
+    o_c = tl.arange(0, D_CKV)
+    o_r = tl.arange(0, D_KPE)
+
+    i_qrow = (q_begin + i_tok).to(tl.int64)
+    p_qn = q_nope + i_qrow[:, None] * stride_qn_t + i_head[:, None] * stride_qn_h + o_c[None, :]
+    p_qp = q_pe + i_qrow[:, None] * stride_qp_t + i_head[:, None] * stride_qp_h + o_r[None, :]
+    b_qn = tl.load(p_qn, mask=m_m[:, None], other=0.0)  # [BLOCK_M, D_CKV]
+    b_qp = tl.load(p_qp, mask=m_m[:, None], other=0.0)  # [BLOCK_M, D_KPE]
+    if DOT_FP32:
+        b_qn = b_qn.to(tl.float32)
+        b_qp = b_qp.to(tl.float32)
+
+    if IS_CAUSAL:
+        b_last = n_kv - qo_len + i_tok  # [BLOCK_M] last key each row may see (bottom-right)
+    else:
+        b_last = tl.zeros([BLOCK_M], dtype=tl.int32) + (n_kv - 1)
+
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, D_CKV], dtype=tl.float32)
+    for start in range(kv_begin, kv_end, BLOCK_N):
+        o_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] request-local token ids
+        m_n = o_n < kv_end
+        b_page = tl.load(kv_indices + page_base + o_n // PAGE_SIZE, mask=m_n, other=0).to(tl.int64)
+        b_slot = (o_n % PAGE_SIZE).to(tl.int64)
+        p_ckv = ckv + b_page[:, None] * stride_ckv_p + b_slot[:, None] * stride_ckv_t + o_c[None, :]
+        p_kpe = kpe + b_page[:, None] * stride_kpe_p + b_slot[:, None] * stride_kpe_t + o_r[None, :]
+        b_ckv = tl.load(p_ckv, mask=m_n[:, None], other=0.0)  # [BLOCK_N, D_CKV]
+        b_kpe = tl.load(p_kpe, mask=m_n[:, None], other=0.0)  # [BLOCK_N, D_KPE]
+        if DOT_FP32:
+            b_ckv = b_ckv.to(tl.float32)
+            b_kpe = b_kpe.to(tl.float32)
+        b_s = tl.dot(b_qn, tl.trans(b_ckv))
+        b_s = tl.dot(b_qp, tl.trans(b_kpe), b_s) * scale_log2  # [BLOCK_M, BLOCK_N]
+        m_visible = m_n[None, :] & (o_n[None, :] <= b_last[:, None])
+        b_s = tl.where(m_visible, b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows with no key yet
+        b_alpha = tl.math.exp2(b_m - b_m_safe)
+        b_p = tl.math.exp2(b_s - b_m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None]
+        b_acc = tl.dot(b_p.to(b_ckv.dtype), b_ckv, b_acc)  # [BLOCK_M, D_CKV]
+        b_m = b_m_new
+
+    m_seen = b_l > 0.0
+    b_l_safe = tl.where(m_seen, b_l, 1.0)
+    b_o = b_acc / b_l_safe[:, None]
+    b_lse = tl.where(m_seen, (b_m + tl.math.log2(b_l_safe)) * 0.6931471805599453, float("-inf"))
+    if part_row < 0:
+        p_o = out + i_qrow[:, None] * stride_o_t + i_head[:, None] * stride_o_h + o_c[None, :]
+        tl.store(p_o, b_o.to(out.dtype.element_ty), mask=m_m[:, None])
+        tl.store(lse + i_qrow * stride_lse_t + i_head, b_lse, mask=m_m)
+    else:
+        i_prow = (part_row + o_m).to(tl.int64)
+        tl.store(part_o + i_prow[:, None] * D_CKV + o_c[None, :], b_o, mask=m_m[:, None])
+        tl.store(part_lse + i_prow, b_lse, mask=m_m)
+
+
+def launch_decode(
+    *,
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    ckv_cache: torch.Tensor,
+    kpe_cache: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    part_o: torch.Tensor,
+    part_lse: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_len: torch.Tensor,
+    work_req: torch.Tensor,
+    work_kv_begin: torch.Tensor,
+    work_kv_end: torch.Tensor,
+    work_part_row: torch.Tensor,
+    sm_scale: float,
+    causal: bool,
+    row_blocks: int,
+    config: DecodeConfig,
+) -> None:
+    """Run every work item of a plan. Shapes: ``q_nope [T, H, 512]``, ``q_pe [T, H, 64]``,
+    caches ``[P, page_size, 512]`` / ``[P, page_size, 64]`` (any page/token strides, unit last
+    stride), ``out [T, H, 512]``, ``lse [T, H]`` fp32, ``part_o [R, 512]`` / ``part_lse [R]`` fp32."""
+    num_heads, d_ckv = q_nope.shape[1], q_nope.shape[2]
+    grid = (work_req.numel(), row_blocks)
+    _mla_decode_kernel[grid](
+        q_nope,
+        q_pe,
+        ckv_cache,
+        kpe_cache,
+        out,
+        lse,
+        part_o,
+        part_lse,
+        qo_indptr,
+        kv_indptr,
+        kv_indices,
+        kv_len,
+        work_req,
+        work_kv_begin,
+        work_kv_end,
+        work_part_row,
+        sm_scale * LOG2E,
+        q_nope.stride(0),
+        q_nope.stride(1),
+        q_pe.stride(0),
+        q_pe.stride(1),
+        ckv_cache.stride(0),
+        ckv_cache.stride(1),
+        kpe_cache.stride(0),
+        kpe_cache.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        H=num_heads,
+        D_CKV=d_ckv,
+        D_KPE=q_pe.shape[2],
+        PAGE_SIZE=ckv_cache.shape[1],
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        IS_CAUSAL=causal,
+        DOT_FP32=_interp.dot_in_fp32(q_nope.device),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )

@@ -1,0 +1,147 @@
+"""The decode as one ``torch.library`` custom op, so ``torch.compile(fullgraph=True)`` traces a
+model that calls ``BatchMLAPagedAttentionWrapper.run``.
+
+The op writes into caller-provided ``out`` / ``lse`` and into the wrapper's workspace; its fake
+implementation does nothing. Plan-time state travels as one int32 ``meta`` tensor plus a few
+ints (``sizes``) that fix its layout; :func:`slice_meta` is the single definition of that
+layout.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from openmla.config import DecodeConfig
+from openmla.kernels.decode import launch_decode
+from openmla.kernels.merge import launch_merge
+
+
+class PlanArrays(NamedTuple):
+    """Device views of a plan (see schedule.py for what each array means)."""
+
+    qo_indptr: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_len: torch.Tensor
+    work_req: torch.Tensor
+    work_kv_begin: torch.Tensor
+    work_kv_end: torch.Tensor
+    work_part_row: torch.Tensor
+    req_num_parts: torch.Tensor
+    req_part_base: torch.Tensor
+    tok_req: torch.Tensor
+
+
+def meta_numel(batch: int, work_capacity: int, token_capacity: int) -> int:
+    return 3 * batch + 2 + 4 * work_capacity + 2 * batch + token_capacity
+
+
+def slice_meta(meta: torch.Tensor, batch: int, work_capacity: int, token_capacity: int) -> PlanArrays:
+    lengths = [batch + 1, batch + 1, batch] + [work_capacity] * 4 + [batch, batch, token_capacity]
+    return PlanArrays(*torch.split(meta[: sum(lengths)], lengths))
+
+
+def partial_rows_capacity(workspace_bytes: int, d_ckv: int) -> int:
+    return workspace_bytes // (4 * (d_ckv + 1))
+
+
+def slice_workspace(workspace: torch.Tensor, rows: int, d_ckv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partial outputs ``[rows, d_ckv]`` and partial LSEs ``[rows]`` inside the workspace."""
+    flat = workspace.view(torch.uint8)[: 4 * rows * (d_ckv + 1)].view(torch.float32)
+    return flat[: rows * d_ckv].view(rows, d_ckv), flat[rows * d_ckv :]
+
+
+def run_planned_decode(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    ckv_cache: torch.Tensor,
+    kpe_cache: torch.Tensor,
+    kv_indices: torch.Tensor,
+    arrays: PlanArrays,
+    part_o: torch.Tensor,
+    part_lse: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    sm_scale: float,
+    causal: bool,
+    row_blocks: int,
+    config: DecodeConfig,
+) -> None:
+    """Launch the split-KV decode, then the merge of split requests."""
+    launch_decode(
+        q_nope=q_nope,
+        q_pe=q_pe,
+        ckv_cache=ckv_cache,
+        kpe_cache=kpe_cache,
+        out=out,
+        lse=lse,
+        part_o=part_o,
+        part_lse=part_lse,
+        qo_indptr=arrays.qo_indptr,
+        kv_indptr=arrays.kv_indptr,
+        kv_indices=kv_indices,
+        kv_len=arrays.kv_len,
+        work_req=arrays.work_req,
+        work_kv_begin=arrays.work_kv_begin,
+        work_kv_end=arrays.work_kv_end,
+        work_part_row=arrays.work_part_row,
+        sm_scale=sm_scale,
+        causal=causal,
+        row_blocks=row_blocks,
+        config=config,
+    )
+    launch_merge(
+        part_o=part_o,
+        part_lse=part_lse,
+        out=out,
+        lse=lse,
+        qo_indptr=arrays.qo_indptr,
+        tok_req=arrays.tok_req,
+        req_num_parts=arrays.req_num_parts,
+        req_part_base=arrays.req_part_base,
+    )
+
+
+@torch.library.custom_op("openmla::paged_decode", mutates_args=("workspace", "out", "lse"))
+def paged_decode(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    ckv_cache: torch.Tensor,
+    kpe_cache: torch.Tensor,
+    kv_indices: torch.Tensor,
+    meta: torch.Tensor,
+    workspace: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    sizes: list[int],
+    sm_scale: float,
+    causal: bool,
+    launch: list[int],
+) -> None:
+    """``sizes = [batch, work_capacity, token_capacity, partial_rows, row_blocks]``;
+    ``launch = [block_m, block_n, num_warps, num_stages]``."""
+    batch, work_cap, tok_cap, rows, row_blocks = sizes
+    part_o, part_lse = slice_workspace(workspace, rows, q_nope.shape[-1])
+    run_planned_decode(
+        q_nope,
+        q_pe,
+        ckv_cache,
+        kpe_cache,
+        kv_indices,
+        slice_meta(meta, batch, work_cap, tok_cap),
+        part_o,
+        part_lse,
+        out,
+        lse,
+        sm_scale,
+        causal,
+        row_blocks,
+        DecodeConfig(*launch),
+    )
+
+
+@paged_decode.register_fake
+def _(q_nope, q_pe, ckv_cache, kpe_cache, kv_indices, meta, workspace, out, lse, sizes, sm_scale,
+      causal, launch) -> None:
+    return None

@@ -1,0 +1,133 @@
+"""Host-side split-KV schedule, computed in ``plan()`` from host copies of the lengths.
+
+The batch's KV is cut into *pieces* (request, token range). Automatic mode sizes pieces so the
+whole batch makes about ``waves`` pieces per SM (long requests get many pieces, short ones stay
+whole); a pinned split count (``num_splits``) cuts every request into exactly that many pieces,
+possibly empty. A request cut into one piece writes its output directly; the pieces of a split
+request write fp32 partials that the merge kernel combines.
+
+Arrays (all int32, padded with -1 to a capacity that depends only on the batch size, the split
+count and the device, so a CUDA graph captured once survives re-planning):
+
+``work_req[w], work_kv_begin[w], work_kv_end[w], work_part_row[w]``
+    one entry per decode program column; ``work_part_row = -1`` writes the final output.
+``req_num_parts[b]``  pieces of a split request, 0 when request ``b`` is written directly.
+``req_part_base[b]``  first partial row of request ``b``; piece ``j`` starts at
+                      ``req_part_base[b] + j * qo_len[b] * H``.
+``tok_req[t]``        request of query token ``t`` (the merge grid's rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from openmla.config import DEFAULT_SCHEDULE, ScheduleConfig
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    work_req: list[int]
+    work_kv_begin: list[int]
+    work_kv_end: list[int]
+    work_part_row: list[int]
+    req_num_parts: list[int]
+    req_part_base: list[int]
+    tok_req: list[int]
+    part_rows: int  # fp32 partial rows used in the workspace
+
+    @property
+    def num_pieces(self) -> int:
+        return sum(1 for r in self.work_req if r >= 0)
+
+
+def work_capacity(batch_size: int, num_splits: int | None, num_sms: int, row_blocks: int,
+                  sched: ScheduleConfig = DEFAULT_SCHEDULE) -> int:
+    """Upper bound on the pieces of any plan with this batch size: fixes the decode grid."""
+    if num_splits is not None:
+        return max(1, batch_size * num_splits)
+    return batch_size + _target_pieces(num_sms, row_blocks, sched)
+
+
+def _target_pieces(num_sms: int, row_blocks: int, sched: ScheduleConfig) -> int:
+    return max(1, num_sms * sched.waves // row_blocks)
+
+
+def _cut(length: int, chunk: int, parts: int) -> list[tuple[int, int]]:
+    return [(min(j * chunk, length), min((j + 1) * chunk, length)) for j in range(parts)]
+
+
+def build_schedule(
+    qo_lens: list[int],
+    kv_lens: list[int],
+    num_heads: int,
+    block_n: int,
+    row_blocks: int,
+    num_sms: int,
+    part_rows_capacity: int,
+    capacity: int,
+    token_capacity: int,
+    num_splits: int | None = None,
+    sched: ScheduleConfig = DEFAULT_SCHEDULE,
+) -> Schedule:
+    """Cut the batch into pieces; raises ValueError when a pinned split count does not fit."""
+    batch = len(kv_lens)
+    rows = [q * num_heads for q in qo_lens]
+    if num_splits is not None:
+        splits = [num_splits if rows[b] else 0 for b in range(batch)]
+        chunks = [cdiv(kv_lens[b], num_splits) for b in range(batch)]
+        if _partial_rows(splits, rows) > part_rows_capacity:
+            raise ValueError(
+                f"num_splits={num_splits} needs {_partial_rows(splits, rows)} partial rows, the "
+                f"workspace holds {part_rows_capacity}: give a larger float_workspace_buffer"
+            )
+    else:
+        total_kv = sum(kv_lens[b] for b in range(batch) if rows[b])
+        chunk = max(sched.min_chunk, cdiv(total_kv, _target_pieces(num_sms, row_blocks, sched)))
+        chunk = cdiv(chunk, block_n) * block_n
+        while True:
+            splits = [max(1, cdiv(kv_lens[b], chunk)) if rows[b] else 0 for b in range(batch)]
+            if _partial_rows(splits, rows) <= part_rows_capacity:
+                break
+            chunk *= 2
+        chunks = [chunk] * batch
+
+    pieces: list[tuple[int, int, int, int, int]] = []  # (length, request, begin, end, part row)
+    req_num_parts = [0] * batch
+    req_part_base = [0] * batch
+    next_row = 0
+    for b in range(batch):
+        if splits[b] == 0:
+            continue
+        cuts = _cut(kv_lens[b], chunks[b], splits[b]) if splits[b] > 1 else [(0, kv_lens[b])]
+        if splits[b] > 1:
+            req_num_parts[b] = splits[b]
+            req_part_base[b] = next_row
+            next_row += splits[b] * rows[b]
+        for j, (lo, hi) in enumerate(cuts):
+            row = -1 if splits[b] == 1 else req_part_base[b] + j * rows[b]
+            pieces.append((hi - lo, b, lo, hi, row))
+    if len(pieces) > capacity:
+        raise ValueError(f"the plan needs {len(pieces)} work items, the grid holds {capacity}")
+    pieces.sort(key=lambda p: -p[0])  # longest first: the tail of the grid gets short pieces
+    pad = capacity - len(pieces)
+    tok_req = [b for b in range(batch) for _ in range(qo_lens[b])]
+    if len(tok_req) > token_capacity:
+        raise ValueError(f"{len(tok_req)} query tokens exceed the planned capacity {token_capacity}")
+    return Schedule(
+        work_req=[p[1] for p in pieces] + [-1] * pad,
+        work_kv_begin=[p[2] for p in pieces] + [0] * pad,
+        work_kv_end=[p[3] for p in pieces] + [0] * pad,
+        work_part_row=[p[4] for p in pieces] + [-1] * pad,
+        req_num_parts=req_num_parts,
+        req_part_base=req_part_base,
+        tok_req=tok_req + [-1] * (token_capacity - len(tok_req)),
+        part_rows=next_row,
+    )
+
+
+def _partial_rows(splits: list[int], rows: list[int]) -> int:
+    return sum(s * r for s, r in zip(splits, rows) if s > 1)

@@ -1,0 +1,355 @@
+"""``BatchMLAPagedAttentionWrapper``: FlashInfer's plan/run interface over openmla's kernels.
+
+``plan()`` validates everything it can see and computes the split schedule on the host (it may
+synchronise and allocate). ``run()`` only checks tensor metadata and launches: no host sync, no
+allocation when ``out``/``lse`` are given, and no recompilation when lengths change (lengths are
+data, never compile-time constants). With ``use_cuda_graph=True`` every device array has a fixed
+address and the launch grids a fixed size, fixed at the first ``plan()``; later plans with the
+same batch size rewrite the arrays in place, so a captured ``run()`` replays correctly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from openmla import config as _config
+from openmla.ops import (
+    PlanArrays,
+    meta_numel,
+    paged_decode,
+    partial_rows_capacity,
+    run_planned_decode,
+    slice_meta,
+    slice_workspace,
+)
+from openmla.schedule import build_schedule, cdiv, work_capacity
+from openmla.validation import (
+    ATTN_DTYPES,
+    INDEX_DTYPES,
+    check_indptr,
+    check_int,
+    check_shape,
+    check_tensor,
+    check_unit_last_stride,
+)
+
+D_CKV = 512
+D_KPE = 64
+MAX_HEADS = 128
+CPU_NUM_SMS = 8  # nominal "SM" count when running under the CPU interpreter
+
+
+@dataclass(frozen=True)
+class _Plan:
+    batch: int
+    num_tokens: int
+    num_heads: int
+    page_size: int
+    causal: bool
+    sm_scale: float
+    q_dtype: torch.dtype
+    kv_dtype: torch.dtype
+    max_page: int  # largest page id the plan reads (-1: none); run() checks the cache holds it
+    kv_indices: torch.Tensor
+    arrays: PlanArrays
+    sizes: list[int]  # [batch, work_capacity, token_capacity, partial_rows, row_blocks]
+    config: _config.DecodeConfig
+    num_pieces: int
+    num_split_requests: int
+
+
+class BatchMLAPagedAttentionWrapper:
+    """Paged MLA decode with FlashInfer's ``plan``/``run`` interface.
+
+    Args:
+        float_workspace_buffer: device buffer (any dtype, contiguous) for fp32 split partials;
+            128 MiB is plenty for 128 heads at batch 64. Its device is the device of every run.
+        use_cuda_graph: fix device arrays and launch grids so ``run()`` can be captured in a CUDA
+            graph and replayed after re-planning with the same batch size.
+        qo_indptr, kv_indptr, kv_indices, kv_len_arr: optional caller-owned device buffers
+            (``use_cuda_graph`` only) that ``plan()`` copies its arguments into; the kernels read
+            ``kv_indices`` from there.
+        backend: ``"auto"`` or ``"triton"`` (accepted for FlashInfer compatibility: ``"fa2"``,
+            ``"fa3"`` also select openmla's kernels).
+    """
+
+    def __init__(
+        self,
+        float_workspace_buffer: torch.Tensor,
+        use_cuda_graph: bool = False,
+        qo_indptr: torch.Tensor | None = None,
+        kv_indptr: torch.Tensor | None = None,
+        kv_indices: torch.Tensor | None = None,
+        kv_len_arr: torch.Tensor | None = None,
+        backend: str = "auto",
+    ) -> None:
+        check_tensor("float_workspace_buffer", float_workspace_buffer)
+        if not float_workspace_buffer.is_contiguous():
+            raise ValueError("float_workspace_buffer must be contiguous")
+        if backend not in ("auto", "triton", "fa2", "fa3"):
+            raise ValueError(f"backend must be 'auto', 'triton', 'fa2' or 'fa3', got {backend!r}")
+        self._device = float_workspace_buffer.device
+        self._workspace = float_workspace_buffer
+        self._use_cuda_graph = bool(use_cuda_graph)
+        self._bufs = {"qo_indptr": qo_indptr, "kv_indptr": kv_indptr, "kv_indices": kv_indices,
+                      "kv_len_arr": kv_len_arr}
+        for name, buf in self._bufs.items():
+            if buf is not None:
+                check_tensor(name, buf, dtypes=INDEX_DTYPES, ndim=1, device=self._device)
+        ws_bytes = float_workspace_buffer.numel() * float_workspace_buffer.element_size()
+        self._part_rows_capacity = partial_rows_capacity(ws_bytes, D_CKV)
+        self._part_o, self._part_lse = slice_workspace(
+            float_workspace_buffer, self._part_rows_capacity, D_CKV)
+        self._meta: torch.Tensor | None = None
+        self._graph_shape: tuple[int, int, int, int, _config.DecodeConfig] | None = None
+        self._plan: _Plan | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _num_sms(self) -> int:
+        if self._device.type == "cuda":
+            return torch.cuda.get_device_properties(self._device).multi_processor_count
+        return CPU_NUM_SMS
+
+    def plan(
+        self,
+        qo_indptr: torch.Tensor,
+        kv_indptr: torch.Tensor,
+        kv_indices: torch.Tensor,
+        kv_len_arr: torch.Tensor,
+        num_heads: int,
+        head_dim_ckv: int,
+        head_dim_kpe: int,
+        page_size: int,
+        causal: bool,
+        sm_scale: float,
+        q_data_type: torch.dtype,
+        kv_data_type: torch.dtype,
+        *,
+        num_kv_heads: int = 1,
+        num_splits: int | None = None,
+        decode_config: _config.DecodeConfig | None = None,
+    ) -> None:
+        """Validate a batch and compute its split schedule.
+
+        Args:
+            qo_indptr: ``[B + 1]`` int32/int64, query-token offsets (``qo_len = 1`` for decode).
+            kv_indptr: ``[B + 1]`` int32/int64, offsets of each request's pages in kv_indices.
+            kv_indices: ``[>= kv_indptr[-1]]`` int32/int64 page ids, on the workspace's device.
+            kv_len_arr: ``[B]`` int32/int64 tokens of each request (0 allowed).
+            num_heads: query heads, 1..128. head_dim_ckv / head_dim_kpe: 512 / 64.
+            page_size: tokens per page, >= 1 (any value, not only powers of two).
+            causal: bottom-right aligned causal mask for ``qo_len > 1``.
+            sm_scale: softmax scale applied to ``q . k``.
+            q_data_type / kv_data_type: torch.bfloat16 or torch.float16 (the same).
+            num_kv_heads: latent heads (1 for MLA); num_heads must be a multiple of it.
+            num_splits: pin every request to this many KV pieces (A/B runs and tests); default:
+                the ``OPENMLA_NUM_SPLITS`` environment variable, else the balanced schedule.
+            decode_config: override the table's launch configuration (tuning runs).
+        """
+        num_heads = check_int("num_heads", num_heads, low=1, high=MAX_HEADS)
+        num_kv_heads = check_int("num_kv_heads", num_kv_heads, low=1)
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads must be a multiple of num_kv_heads, got {num_heads} and {num_kv_heads}")
+        if num_kv_heads != 1:
+            raise ValueError(f"num_kv_heads must be 1 (one latent head, MLA), got {num_kv_heads}")
+        if head_dim_ckv != D_CKV:
+            raise ValueError(f"head_dim_ckv must be {D_CKV}, got {head_dim_ckv}")
+        if head_dim_kpe != D_KPE:
+            raise ValueError(f"head_dim_kpe must be {D_KPE}, got {head_dim_kpe}")
+        page_size = check_int("page_size", page_size, low=1)
+        if not isinstance(sm_scale, (int, float)) or isinstance(sm_scale, bool):
+            raise TypeError(f"sm_scale must be a float, got {type(sm_scale).__name__}")
+        if not math.isfinite(sm_scale):
+            raise ValueError(f"sm_scale must be finite, got {sm_scale}")
+        if q_data_type not in ATTN_DTYPES:
+            raise TypeError(f"q_data_type must be torch.bfloat16 or torch.float16, got {q_data_type}")
+        if kv_data_type != q_data_type:
+            raise TypeError(f"kv_data_type must equal q_data_type ({q_data_type}), got {kv_data_type}")
+        if num_splits is None:
+            num_splits = _config.env_num_splits()
+        else:
+            num_splits = check_int("num_splits", num_splits, low=1)
+
+        for name, t in (("qo_indptr", qo_indptr), ("kv_indptr", kv_indptr),
+                        ("kv_indices", kv_indices), ("kv_len_arr", kv_len_arr)):
+            check_tensor(name, t, dtypes=INDEX_DTYPES, ndim=1)
+        batch = kv_len_arr.numel()
+        check_shape("qo_indptr", qo_indptr, (batch + 1,))
+        check_shape("kv_indptr", kv_indptr, (batch + 1,))
+        qo_host = qo_indptr.tolist()
+        kv_ptr_host = kv_indptr.tolist()
+        kv_len_host = kv_len_arr.tolist()
+        check_indptr("qo_indptr", qo_host)
+        check_indptr("kv_indptr", kv_ptr_host)
+        if kv_ptr_host[-1] > kv_indices.numel():
+            raise ValueError(
+                f"kv_indices must hold kv_indptr[-1]={kv_ptr_host[-1]} entries, got {kv_indices.numel()}")
+        qo_lens = [qo_host[b + 1] - qo_host[b] for b in range(batch)]
+        indices_host = kv_indices.tolist()
+        max_page = -1
+        for b in range(batch):
+            n, pages = kv_len_host[b], kv_ptr_host[b + 1] - kv_ptr_host[b]
+            if n < 0:
+                raise ValueError(f"kv_len_arr must be >= 0, got kv_len_arr[{b}]={n}")
+            if n > pages * page_size:
+                raise ValueError(
+                    f"kv_len_arr[{b}]={n} exceeds the {pages} pages of {page_size} tokens that "
+                    f"kv_indptr gives request {b}")
+            if causal and qo_lens[b] > n:
+                raise ValueError(
+                    f"causal decode needs qo_len <= kv_len, got qo_len={qo_lens[b]} > "
+                    f"kv_len_arr[{b}]={n} for request {b}")
+            used = indices_host[kv_ptr_host[b]: kv_ptr_host[b] + cdiv(n, page_size)]
+            if used:
+                lo, hi = min(used), max(used)
+                if lo < 0:
+                    raise ValueError(f"kv_indices must be >= 0, got {lo} in request {b}")
+                max_page = max(max_page, hi)
+
+        num_tokens = qo_host[-1]
+        max_rows = max(qo_lens, default=0) * num_heads
+        cfg = decode_config or _config.decode_config(max_rows)
+        row_blocks = max(1, cdiv(max_rows, cfg.block_m))
+        num_sms = self._num_sms()
+        if self._use_cuda_graph:
+            if self._graph_shape is None:
+                cap = work_capacity(batch, num_splits, num_sms, row_blocks)
+                self._graph_shape = (batch, cap, num_tokens, row_blocks, cfg)
+            g_batch, cap, tok_cap, g_row_blocks, g_cfg = self._graph_shape
+            if batch != g_batch:
+                raise ValueError(
+                    f"use_cuda_graph: the batch size is fixed at {g_batch} by the first plan, got {batch}")
+            if row_blocks > g_row_blocks or cfg != g_cfg:
+                raise ValueError(
+                    f"use_cuda_graph: qo_len * num_heads={max_rows} needs another launch shape than "
+                    "the first plan; create a new wrapper")
+            row_blocks = g_row_blocks
+        else:
+            cap, tok_cap = work_capacity(batch, num_splits, num_sms, row_blocks), num_tokens
+        sched = build_schedule(
+            qo_lens, kv_len_host, num_heads, cfg.block_n, row_blocks, num_sms,
+            self._part_rows_capacity, cap, tok_cap, num_splits=num_splits)
+
+        host_meta = torch.tensor(
+            qo_host + kv_ptr_host + kv_len_host + sched.work_req + sched.work_kv_begin
+            + sched.work_kv_end + sched.work_part_row + sched.req_num_parts + sched.req_part_base
+            + sched.tok_req, dtype=torch.int32)
+        assert host_meta.numel() == meta_numel(batch, cap, tok_cap)
+        if self._use_cuda_graph and self._meta is not None:
+            self._meta.copy_(host_meta)
+        else:
+            self._meta = host_meta.to(self._device)
+        kv_indices_dev = self._device_indices(kv_indices, qo_indptr, kv_indptr, kv_len_arr)
+        self._plan = _Plan(
+            batch=batch, num_tokens=num_tokens, num_heads=num_heads, page_size=page_size,
+            causal=bool(causal), sm_scale=float(sm_scale), q_dtype=q_data_type,
+            kv_dtype=kv_data_type, max_page=max_page, kv_indices=kv_indices_dev,
+            arrays=slice_meta(self._meta, batch, cap, tok_cap),
+            sizes=[batch, cap, tok_cap, self._part_rows_capacity, row_blocks], config=cfg,
+            num_pieces=sched.num_pieces, num_split_requests=sum(1 for n in sched.req_num_parts if n),
+        )
+
+    def _device_indices(self, kv_indices: torch.Tensor, qo_indptr: torch.Tensor,
+                        kv_indptr: torch.Tensor, kv_len_arr: torch.Tensor) -> torch.Tensor:
+        """kv_indices as the kernels will read it; fills caller-owned graph buffers."""
+        if not self._use_cuda_graph:
+            return kv_indices.to(self._device)
+        for name, src in (("qo_indptr", qo_indptr), ("kv_indptr", kv_indptr),
+                          ("kv_len_arr", kv_len_arr)):
+            buf = self._bufs[name]
+            if buf is not None:
+                if buf.numel() < src.numel():
+                    raise ValueError(f"the {name} buffer holds {buf.numel()} entries, plan got {src.numel()}")
+                buf[: src.numel()].copy_(src)
+        buf = self._bufs["kv_indices"]
+        if buf is None:
+            buf = self._bufs["kv_indices"] = torch.empty_like(kv_indices, device=self._device)
+        if buf.numel() < kv_indices.numel():
+            raise ValueError(
+                f"the kv_indices buffer holds {buf.numel()} entries, plan got {kv_indices.numel()}")
+        buf[: kv_indices.numel()].copy_(kv_indices)
+        return buf
+
+    def run(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        ckv_cache: torch.Tensor,
+        kpe_cache: torch.Tensor,
+        out: torch.Tensor | None = None,
+        lse: torch.Tensor | None = None,
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Run the planned decode.
+
+        Args:
+            q_nope: ``[T, H, 512]``, q_pe: ``[T, H, 64]`` in the planned q dtype (T = qo_indptr[-1]).
+            ckv_cache: ``[num_pages, page_size, 512]``, kpe_cache: ``[num_pages, page_size, 64]``
+                in the planned kv dtype; separate tensors or strided views of one
+                ``[num_pages, page_size, 576]`` buffer (unit stride in the last dimension).
+            out: optional ``[T, H, 512]`` output in q's dtype. lse: optional ``[T, H]`` float32.
+            return_lse: also return the LSE.
+
+        Returns:
+            ``out`` (and ``lse`` if ``return_lse``): ``lse`` is the natural-log log-sum-exp of the
+            scaled scores, float32. Empty requests give ``out = 0`` and ``lse = -inf``.
+        """
+        p = self._plan
+        if p is None:
+            raise ValueError("run() called before plan()")
+        dev = self._device
+        check_tensor("q_nope", q_nope, dtypes=(p.q_dtype,), ndim=3, device=dev)
+        check_tensor("q_pe", q_pe, dtypes=(p.q_dtype,), ndim=3, device=dev)
+        check_shape("q_nope", q_nope, (p.num_tokens, p.num_heads, D_CKV))
+        check_shape("q_pe", q_pe, (p.num_tokens, p.num_heads, D_KPE))
+        check_tensor("ckv_cache", ckv_cache, dtypes=(p.kv_dtype,), ndim=3, device=dev)
+        check_tensor("kpe_cache", kpe_cache, dtypes=(p.kv_dtype,), ndim=3, device=dev)
+        num_pages = ckv_cache.shape[0]
+        check_shape("ckv_cache", ckv_cache, (num_pages, p.page_size, D_CKV))
+        check_shape("kpe_cache", kpe_cache, (num_pages, p.page_size, D_KPE))
+        if p.max_page >= num_pages:
+            raise ValueError(
+                f"kv_indices reads page {p.max_page}, the caches hold {num_pages} pages")
+        for name, t in (("q_nope", q_nope), ("q_pe", q_pe), ("ckv_cache", ckv_cache),
+                        ("kpe_cache", kpe_cache)):
+            check_unit_last_stride(name, t)
+        if out is None:
+            out = torch.empty_like(q_nope, memory_format=torch.contiguous_format)
+        else:
+            check_tensor("out", out, dtypes=(p.q_dtype,), device=dev)
+            check_shape("out", out, (p.num_tokens, p.num_heads, D_CKV))
+            check_unit_last_stride("out", out)
+        if lse is None:
+            lse = torch.empty((p.num_tokens, p.num_heads), dtype=torch.float32, device=dev)
+        else:
+            check_tensor("lse", lse, dtypes=(torch.float32,), device=dev)
+            check_shape("lse", lse, (p.num_tokens, p.num_heads))
+            check_unit_last_stride("lse", lse)
+
+        if torch.compiler.is_compiling():
+            paged_decode(q_nope, q_pe, ckv_cache, kpe_cache, p.kv_indices, self._meta,
+                         self._workspace, out, lse, p.sizes, p.sm_scale, p.causal,
+                         [p.config.block_m, p.config.block_n, p.config.num_warps,
+                          p.config.num_stages])
+        else:
+            run_planned_decode(q_nope, q_pe, ckv_cache, kpe_cache, p.kv_indices, p.arrays,
+                               self._part_o, self._part_lse, out, lse, p.sm_scale, p.causal, p.sizes[4],
+                               p.config)
+        return (out, lse) if return_lse else out
+
+    @property
+    def plan_info(self) -> dict[str, int]:
+        """Schedule figures of the current plan (pieces, split requests, grid size)."""
+        p = self._plan
+        if p is None:
+            raise ValueError("plan_info needs a plan() first")
+        return {"pieces": p.num_pieces, "split_requests": p.num_split_requests,
+                "work_capacity": p.sizes[1], "row_blocks": p.sizes[4],
+                "block_m": p.config.block_m, "block_n": p.config.block_n}

@@ -59,16 +59,19 @@ def mla_decode_reference(
         kv_indptr: ``[B + 1]`` offsets of each request's pages in ``kv_indices``.
         kv_indices: page ids.
         kv_len: ``[B]`` tokens per request.
-        compute_dtype: every product and sum is done in this dtype (float64 by default; pass the
-            query dtype for a plain low-precision torch implementation of the same formula).
+        compute_dtype: every product and sum is done in this dtype (float64 by default).
+
+    The arithmetic runs on the device of ``q_nope`` (CPU in the tests); index arrays are read on
+    the host.
 
     Returns:
         ``(out, lse)``: ``out`` ``[num_qo_tokens, H, D_CKV]`` and ``lse`` ``[num_qo_tokens, H]``
         (natural log), both in ``compute_dtype``; empty rows give ``out = 0``, ``lse = -inf``.
     """
     num_tokens, num_heads, d_ckv = q_nope.shape
-    out = torch.zeros((num_tokens, num_heads, d_ckv), dtype=compute_dtype)
-    lse = torch.full((num_tokens, num_heads), float("-inf"), dtype=compute_dtype)
+    dev = q_nope.device
+    out = torch.zeros((num_tokens, num_heads, d_ckv), dtype=compute_dtype, device=dev)
+    lse = torch.full((num_tokens, num_heads), float("-inf"), dtype=compute_dtype, device=dev)
     qo_indptr, kv_indptr, kv_indices, kv_len = (
         t.cpu() for t in (qo_indptr, kv_indptr, kv_indices, kv_len)
     )
@@ -77,15 +80,15 @@ def mla_decode_reference(
         qo_len, n = q_end - q_begin, int(kv_len[b])
         if qo_len == 0 or n == 0:
             continue
-        ckv = gather_request_kv(ckv_cache.cpu(), kv_indices, int(kv_indptr[b]), n, page_size)
-        kpe = gather_request_kv(kpe_cache.cpu(), kv_indices, int(kv_indptr[b]), n, page_size)
+        ckv = gather_request_kv(ckv_cache, kv_indices, int(kv_indptr[b]), n, page_size)
+        kpe = gather_request_kv(kpe_cache, kv_indices, int(kv_indptr[b]), n, page_size)
         ckv, kpe = ckv.to(compute_dtype), kpe.to(compute_dtype)
-        qn = q_nope[q_begin:q_end].cpu().to(compute_dtype)  # [qo_len, H, D_CKV]
-        qp = q_pe[q_begin:q_end].cpu().to(compute_dtype)
+        qn = q_nope[q_begin:q_end].to(compute_dtype)  # [qo_len, H, D_CKV]
+        qp = q_pe[q_begin:q_end].to(compute_dtype)
         s = (qn @ ckv.T + qp @ kpe.T) * sm_scale  # [qo_len, H, n]
         if causal:
-            last_visible = torch.arange(qo_len) + (n - qo_len)  # [qo_len]
-            hidden = torch.arange(n)[None, :] > last_visible[:, None]  # [qo_len, n]
+            last_visible = torch.arange(qo_len, device=dev) + (n - qo_len)  # [qo_len]
+            hidden = torch.arange(n, device=dev)[None, :] > last_visible[:, None]  # [qo_len, n]
             s = s.masked_fill(hidden[:, None, :], float("-inf"))
         row_lse = torch.logsumexp(s, dim=-1)  # [qo_len, H]
         seen = torch.isfinite(row_lse)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything GPU-side in one call: GPU tests, then the benchmark suite (openmla beside FlashInfer).
+# Usage on the GPU machine, from the repo root:  bash scripts/gpu_run.sh [--sweep]
+# Writes logs and JSON under $OUT (default ./gpu_out); prints the benchmark table last.
+# FlashInfer travels as wheels in .whl/ (see DESIGN.md, "Benchmarks"); without them the peer
+# columns stay empty.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+export FLASHINFER_CUDA_ARCH_LIST=9.0a
+CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")") && export CUDA_HOME
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
+
+status=0
+if [[ " $* " != *" --bench-only "* ]]; then
+  python3 -m pytest -m gpu -q -p no:cacheprovider tests --junitxml="$OUT/gpu_tests.xml" 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -n 25 || status=1
+fi
+bench_args=()
+[[ " $* " == *" --sweep "* ]] && bench_args+=(--sweep)
+python3 benchmarks/bench_decode.py --out "$OUT" --results "$OUT/decode_results.csv" "${bench_args[@]}" \
+  2>&1 | tee "$OUT/bench.log" || status=1
+exit $status

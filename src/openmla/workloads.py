@@ -1,0 +1,117 @@
+"""Benchmark workloads (``WORKLOADS.md``), their byte/FLOP counting, and a fast on-device batch
+builder. Shared by ``python -m openmla`` and ``benchmarks/``.
+
+Counting (per WORKLOADS.md):
+    bytes = total_kv * bytes_per_token + B * Sq * Hq * (576 * q_bytes + 512 * out_bytes)
+    FLOPs = 2 * Sq * total_kv * Hq * (576 + 512)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+D_CKV, D_KPE = 512, 64
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    what: str
+    batch: int
+    qo_len: int
+    kv_lens: tuple[int, ...]
+    num_heads: int
+    page_size: int = 64
+
+    @property
+    def causal(self) -> bool:
+        return self.qo_len > 1
+
+    @property
+    def total_kv(self) -> int:
+        return sum(self.kv_lens)
+
+    def bytes(self, kv_bytes_per_token: int = 1152, q_bytes: int = 2, out_bytes: int = 2) -> int:
+        io = self.batch * self.qo_len * self.num_heads * (576 * q_bytes + 512 * out_bytes)
+        return self.total_kv * kv_bytes_per_token + io
+
+    def flops(self) -> int:
+        return 2 * self.qo_len * self.total_kv * self.num_heads * (D_CKV + D_KPE + D_CKV)
+
+
+def _uniform(name: str, what: str, batch: int, qo_len: int, kv: int, heads: int) -> Workload:
+    return Workload(name, what, batch, qo_len, (kv,) * batch, heads)
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        _uniform("W1", "DeepSeek-V3 decode, TP8", 64, 1, 4096, 16),
+        _uniform("W2", "DeepSeek-V3 decode, 128 heads", 64, 1, 4096, 128),
+        _uniform("W3", "large batch, 128 heads", 128, 1, 8192, 128),
+        _uniform("W4", "long context, low batch", 8, 1, 65536, 16),
+        _uniform("W5", "MTP decode, causal", 64, 2, 4096, 16),
+        _uniform("W6", "4 heads (TP8 of 32)", 128, 1, 4096, 4),
+        Workload("W7", "skewed: 128K among 31 x 1K", 32, 1, (131072,) + (1024,) * 31, 16),
+    )
+}
+
+
+@dataclass
+class DeviceBatch:
+    """A random paged batch on a device, with ``rotations`` disjoint page tables over one cache so
+    timing loops can step through them and never find the KV in L2."""
+
+    workload: Workload
+    q_nope: torch.Tensor
+    q_pe: torch.Tensor
+    ckv_cache: torch.Tensor
+    kpe_cache: torch.Tensor
+    qo_indptr: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_len: torch.Tensor
+    kv_indices: list[torch.Tensor]  # one shuffled page table per rotation
+    sm_scale: float
+
+
+def make_device_batch(
+    w: Workload, device: torch.device | str, *, dtype: torch.dtype = torch.bfloat16,
+    rotations: int = 1, seed: int = 0,
+) -> DeviceBatch:
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    pages = [-(-n // w.page_size) for n in w.kv_lens]
+    per_rot = sum(pages)
+    num_pages = per_rot * rotations
+    cache = torch.randn((num_pages, w.page_size, D_CKV + D_KPE), generator=g, device=dev, dtype=dtype)
+    perm = torch.randperm(num_pages, generator=g, device=dev).to(torch.int32)
+    kv_indptr = [0]
+    for p in pages:
+        kv_indptr.append(kv_indptr[-1] + p)
+    tokens = w.batch * w.qo_len
+    q = torch.randn((tokens, w.num_heads, D_CKV + D_KPE), generator=g, device=dev, dtype=dtype)
+
+    def i32(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=dev)
+
+    return DeviceBatch(
+        workload=w,
+        q_nope=q[..., :D_CKV].contiguous(),
+        q_pe=q[..., D_CKV:].contiguous(),
+        ckv_cache=cache[..., :D_CKV].contiguous(),
+        kpe_cache=cache[..., D_CKV:].contiguous(),
+        qo_indptr=i32(list(range(0, tokens + 1, w.qo_len))),
+        kv_indptr=i32(kv_indptr),
+        kv_len=i32(list(w.kv_lens)),
+        kv_indices=[perm[r * per_rot:(r + 1) * per_rot].contiguous() for r in range(rotations)],
+        sm_scale=1.0 / (D_CKV + D_KPE) ** 0.5,
+    )
+
+
+def plan_args(b: DeviceBatch, rotation: int = 0) -> tuple:
+    """Positional ``plan()`` arguments, the same for openmla and FlashInfer."""
+    w = b.workload
+    return (b.qo_indptr, b.kv_indptr, b.kv_indices[rotation], b.kv_len, w.num_heads, D_CKV, D_KPE,
+            w.page_size, w.causal, b.sm_scale, b.q_nope.dtype, b.ckv_cache.dtype)

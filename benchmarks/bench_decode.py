@@ -173,7 +173,8 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
             except ValueError as exc:
                 print(f"  skip {cfg} splits={splits}: {exc}")
                 continue
-            label = f"openmla bn{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} sp{splits or 'auto'}"
+            label = (f"openmla bn{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}" if cfg
+                     else "openmla table-config") + f" sp{splits or 'auto'}"
             try:
                 record(impl, label, impl.wrappers[0].plan_info)
             except Exception as exc:  # noqa: BLE001 - a config that fails to compile is a data point
@@ -194,14 +195,12 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
 def sweep_points(w) -> list[tuple[DecodeConfig, int | None]]:
     rows = w.qo_len * w.num_heads
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    points = []
-    for bn, warps, stages in ((32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 8, 2), (64, 8, 3)):
-        if bm == 64 and warps == 4:
-            continue
-        points.append((DecodeConfig(bm, bn, warps, stages), None))
-    base = points[0][0] if points else DecodeConfig(bm, 64, 4, 2)
-    for splits in (1, 2, 4, 8):
-        points.append((base, splits))
+    grid = ((16, 2, 4), (16, 4, 4), (32, 2, 3), (32, 4, 2), (32, 4, 3), (32, 4, 4), (32, 8, 3),
+            (64, 4, 2), (64, 8, 2), (64, 8, 3))
+    points = [(DecodeConfig(bm, bn, warps, stages), None) for bn, warps, stages in grid
+              if not (bm == 64 and warps < 8)]
+    for splits in (2, 3, 4, 6, 8):
+        points.append((None, splits))
     return points
 
 

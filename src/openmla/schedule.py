@@ -3,7 +3,8 @@
 The batch's KV is cut into *pieces* (request, token range). Automatic mode sizes pieces so the
 whole batch makes about ``waves`` pieces per SM (long requests get many pieces, short ones stay
 whole); a pinned split count (``num_splits``) cuts every request into exactly that many pieces,
-possibly empty. A request cut into one piece writes its output directly; the pieces of a split
+possibly empty. Piece boundaries are always multiples of ``block_n`` (the decode kernel relies on
+it to address a block through one page id when the page size allows). A request cut into one piece writes its output directly; the pieces of a split
 request write fp32 partials that the merge kernel combines.
 
 Arrays (all int32, padded with -1 to a capacity that depends only on the batch size, the split
@@ -78,7 +79,7 @@ def build_schedule(
     rows = [q * num_heads for q in qo_lens]
     if num_splits is not None:
         splits = [num_splits if rows[b] else 0 for b in range(batch)]
-        chunks = [cdiv(kv_lens[b], num_splits) for b in range(batch)]
+        chunks = [cdiv(cdiv(kv_lens[b], num_splits), block_n) * block_n for b in range(batch)]
         if _partial_rows(splits, rows) > part_rows_capacity:
             raise ValueError(
                 f"num_splits={num_splits} needs {_partial_rows(splits, rows)} partial rows, the "

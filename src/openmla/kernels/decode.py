@@ -11,6 +11,10 @@ Work item ``w`` (arrays built by ``schedule.py``):
     ``work_part_row[w]``  ``-1``: the range is the whole request, write ``out``/``lse`` directly;
                           otherwise the first row of this piece's fp32 partials in ``part_o``.
 
+Piece boundaries are multiples of ``BLOCK_N``, so when ``PAGE_SIZE % BLOCK_N == 0`` a block
+never straddles pages and one page id addresses the whole ``[BLOCK_N, 576]`` tile
+(``ONE_PAGE_PER_BLOCK``); other page sizes gather a page id per token.
+
 Softmax runs in base 2 with ``sm_scale * log2(e)`` folded into the scores; the stored LSE (final
 or partial) is natural-log. Rows that see no key get ``out = 0``, ``lse = -inf``.
 """
@@ -64,6 +68,7 @@ def _mla_decode_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    ONE_PAGE_PER_BLOCK: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     i_w = tl.program_id(0)
@@ -106,13 +111,20 @@ def _mla_decode_kernel(
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, D_CKV], dtype=tl.float32)
+    o_blk = tl.arange(0, BLOCK_N)
     for start in range(kv_begin, kv_end, BLOCK_N):
-        o_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] request-local token ids
+        o_n = start + o_blk  # [BLOCK_N] request-local token ids
         m_n = o_n < kv_end
-        b_page = tl.load(kv_indices + page_base + o_n // PAGE_SIZE, mask=m_n, other=0).to(tl.int64)
-        b_slot = (o_n % PAGE_SIZE).to(tl.int64)
-        p_ckv = ckv + b_page[:, None] * stride_ckv_p + b_slot[:, None] * stride_ckv_t + o_c[None, :]
-        p_kpe = kpe + b_page[:, None] * stride_kpe_p + b_slot[:, None] * stride_kpe_t + o_r[None, :]
+        if ONE_PAGE_PER_BLOCK:
+            i_page = tl.load(kv_indices + page_base + start // PAGE_SIZE).to(tl.int64)
+            o_slot = start % PAGE_SIZE + o_blk  # [BLOCK_N]
+            p_ckv = ckv + i_page * stride_ckv_p + o_slot[:, None] * stride_ckv_t + o_c[None, :]
+            p_kpe = kpe + i_page * stride_kpe_p + o_slot[:, None] * stride_kpe_t + o_r[None, :]
+        else:
+            b_page = tl.load(kv_indices + page_base + o_n // PAGE_SIZE, mask=m_n, other=0).to(tl.int64)
+            b_slot = (o_n % PAGE_SIZE).to(tl.int64)
+            p_ckv = ckv + b_page[:, None] * stride_ckv_p + b_slot[:, None] * stride_ckv_t + o_c[None, :]
+            p_kpe = kpe + b_page[:, None] * stride_kpe_p + b_slot[:, None] * stride_kpe_t + o_r[None, :]
         b_ckv = tl.load(p_ckv, mask=m_n[:, None], other=0.0)  # [BLOCK_N, D_CKV]
         b_kpe = tl.load(p_kpe, mask=m_n[:, None], other=0.0)  # [BLOCK_N, D_KPE]
         if DOT_FP32:
@@ -209,6 +221,7 @@ def launch_decode(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         IS_CAUSAL=causal,
+        ONE_PAGE_PER_BLOCK=ckv_cache.shape[1] % config.block_n == 0,
         DOT_FP32=_interp.dot_in_fp32(q_nope.device),
         num_warps=config.num_warps,
         num_stages=config.num_stages,

@@ -195,8 +195,8 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
 def sweep_points(w) -> list[tuple[DecodeConfig, int | None]]:
     rows = w.qo_len * w.num_heads
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    grid = ((16, 2, 4), (16, 4, 4), (32, 2, 3), (32, 4, 2), (32, 4, 3), (32, 4, 4), (32, 8, 3),
-            (64, 4, 2), (64, 8, 2), (64, 8, 3))
+    grid = ((32, 4, 2), (32, 4, 3), (32, 4, 4), (32, 8, 3), (32, 8, 4), (64, 4, 2), (64, 4, 3),
+            (64, 8, 2), (64, 8, 3), (16, 4, 4), (16, 4, 6))
     points = [(DecodeConfig(bm, bn, warps, stages), None) for bn, warps, stages in grid
               if not (bm == 64 and warps < 8)]
     for splits in (2, 3, 4, 6, 8):

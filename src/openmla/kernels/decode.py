@@ -112,16 +112,27 @@ def _mla_decode_kernel(
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, D_CKV], dtype=tl.float32)
     o_blk = tl.arange(0, BLOCK_N)
+    # Page ids are loaded one block ahead, so the KV loads' addresses come from a loop-carried
+    # value: Triton's pipeliner then gives them num_stages - 1 buffers (an index load feeding
+    # them in the same iteration costs two stages of depth: one buffer at num_stages 3).
+    if ONE_PAGE_PER_BLOCK:
+        b_page_next = tl.load(kv_indices + page_base + kv_begin // PAGE_SIZE, mask=kv_begin < kv_end, other=0)
+    else:
+        o_first = kv_begin + o_blk
+        b_page_next = tl.load(kv_indices + page_base + o_first // PAGE_SIZE, mask=o_first < kv_end, other=0)
     for start in range(kv_begin, kv_end, BLOCK_N):
         o_n = start + o_blk  # [BLOCK_N] request-local token ids
         m_n = o_n < kv_end
+        b_page = b_page_next.to(tl.int64)
         if ONE_PAGE_PER_BLOCK:
-            i_page = tl.load(kv_indices + page_base + start // PAGE_SIZE).to(tl.int64)
+            i_next = tl.minimum(start + BLOCK_N, kv_end - 1) // PAGE_SIZE
+            b_page_next = tl.load(kv_indices + page_base + i_next)
             o_slot = start % PAGE_SIZE + o_blk  # [BLOCK_N]
-            p_ckv = ckv + i_page * stride_ckv_p + o_slot[:, None] * stride_ckv_t + o_c[None, :]
-            p_kpe = kpe + i_page * stride_kpe_p + o_slot[:, None] * stride_kpe_t + o_r[None, :]
+            p_ckv = ckv + b_page * stride_ckv_p + o_slot[:, None] * stride_ckv_t + o_c[None, :]
+            p_kpe = kpe + b_page * stride_kpe_p + o_slot[:, None] * stride_kpe_t + o_r[None, :]
         else:
-            b_page = tl.load(kv_indices + page_base + o_n // PAGE_SIZE, mask=m_n, other=0).to(tl.int64)
+            o_next = o_n + BLOCK_N
+            b_page_next = tl.load(kv_indices + page_base + o_next // PAGE_SIZE, mask=o_next < kv_end, other=0)
             b_slot = (o_n % PAGE_SIZE).to(tl.int64)
             p_ckv = ckv + b_page[:, None] * stride_ckv_p + b_slot[:, None] * stride_ckv_t + o_c[None, :]
             p_kpe = kpe + b_page[:, None] * stride_kpe_p + b_slot[:, None] * stride_kpe_t + o_r[None, :]

@@ -9,7 +9,7 @@ covered by several row blocks of 64.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,16 @@ def rows_bucket(rows: int) -> int:
     return bucket
 
 
-def decode_config(rows: int) -> DecodeConfig:
-    return _DECODE_TABLE[rows_bucket(rows)]
+def decode_config(rows: int, page_size: int) -> DecodeConfig:
+    """The table's config for ``rows`` tile rows, with BLOCK_N shrunk (not below 16) to divide
+    the page size when it can, so a block is addressed by one page id (page 16: BLOCK_N 16)."""
+    cfg = _DECODE_TABLE[rows_bucket(rows)]
+    block_n = cfg.block_n
+    while page_size % block_n and block_n > 16:
+        block_n //= 2
+    if page_size % block_n:
+        return cfg
+    return replace(cfg, block_n=block_n)
 
 
 @dataclass(frozen=True)

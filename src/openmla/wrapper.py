@@ -215,7 +215,7 @@ class BatchMLAPagedAttentionWrapper:
 
         num_tokens = qo_host[-1]
         max_rows = max(qo_lens, default=0) * num_heads
-        cfg = decode_config or _config.decode_config(max_rows)
+        cfg = decode_config or _config.decode_config(max_rows, page_size)
         row_blocks = max(1, cdiv(max_rows, cfg.block_m))
         num_sms = self._num_sms()
         if self._use_cuda_graph:

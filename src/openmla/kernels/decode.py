@@ -29,6 +29,31 @@ from openmla import _interp
 from openmla.config import DecodeConfig
 
 LOG2E = 1.4426950408889634
+PAGE_WINDOW = 64  # page ids held in registers per window (one index load per 4096 tokens at page 64)
+
+
+@triton.jit
+def _attend_block(b_qn, b_qp, p_ckv, p_kpe, o_n, kv_end, b_last, b_m, b_l, b_acc, scale_log2,
+                  DOT_FP32: tl.constexpr):
+    """Online-softmax update with one KV block: tokens ``o_n`` [BLOCK_N], rows [BLOCK_M]."""
+    m_n = o_n < kv_end
+    b_ckv = tl.load(p_ckv, mask=m_n[:, None], other=0.0)  # [BLOCK_N, D_CKV]
+    b_kpe = tl.load(p_kpe, mask=m_n[:, None], other=0.0)  # [BLOCK_N, D_KPE]
+    if DOT_FP32:
+        b_ckv = b_ckv.to(tl.float32)
+        b_kpe = b_kpe.to(tl.float32)
+    b_s = tl.dot(b_qn, tl.trans(b_ckv))
+    b_s = tl.dot(b_qp, tl.trans(b_kpe), b_s) * scale_log2  # [BLOCK_M, BLOCK_N]
+    m_visible = m_n[None, :] & (o_n[None, :] <= b_last[:, None])
+    b_s = tl.where(m_visible, b_s, float("-inf"))
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows with no key yet
+    b_alpha = tl.math.exp2(b_m - b_m_safe)
+    b_p = tl.math.exp2(b_s - b_m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None]
+    b_acc = tl.dot(b_p.to(b_ckv.dtype), b_ckv, b_acc)  # [BLOCK_M, D_CKV]
+    return b_m_new, b_l, b_acc
 
 
 @triton.jit
@@ -69,6 +94,7 @@ def _mla_decode_kernel(
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     ONE_PAGE_PER_BLOCK: tl.constexpr,
+    PAGE_WINDOW: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     i_w = tl.program_id(0)
@@ -112,47 +138,33 @@ def _mla_decode_kernel(
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, D_CKV], dtype=tl.float32)
     o_blk = tl.arange(0, BLOCK_N)
-    # Page ids are loaded one block ahead, so the KV loads' addresses come from a loop-carried
-    # value: Triton's pipeliner then gives them num_stages - 1 buffers (an index load feeding
-    # them in the same iteration costs two stages of depth: one buffer at num_stages 3).
     if ONE_PAGE_PER_BLOCK:
-        b_page_next = tl.load(kv_indices + page_base + kv_begin // PAGE_SIZE, mask=kv_begin < kv_end, other=0)
+        # The page ids of PAGE_WINDOW pages are loaded before the inner loop and a block's id is
+        # picked from registers: no global load sits between one block's KV copy and the next,
+        # which lets Triton's pipeliner keep num_stages - 1 copies in flight without stalling on
+        # index latency (an index load inside the loop costs one full memory latency per block).
+        o_w = tl.arange(0, PAGE_WINDOW)
+        for p_first in range(kv_begin // PAGE_SIZE, tl.cdiv(kv_end, PAGE_SIZE), PAGE_WINDOW):
+            w_begin = tl.maximum(p_first * PAGE_SIZE, kv_begin)
+            w_end = tl.minimum((p_first + PAGE_WINDOW) * PAGE_SIZE, kv_end)
+            m_w = p_first + o_w < tl.cdiv(w_end, PAGE_SIZE)
+            b_pages = tl.load(kv_indices + page_base + p_first + o_w, mask=m_w, other=0)  # [PAGE_WINDOW]
+            for start in range(w_begin, w_end, BLOCK_N):
+                i_page = tl.sum(tl.where(o_w == start // PAGE_SIZE - p_first, b_pages, 0), 0).to(tl.int64)
+                o_slot = start % PAGE_SIZE + o_blk  # [BLOCK_N]
+                p_ckv = ckv + i_page * stride_ckv_p + o_slot[:, None] * stride_ckv_t + o_c[None, :]
+                p_kpe = kpe + i_page * stride_kpe_p + o_slot[:, None] * stride_kpe_t + o_r[None, :]
+                b_m, b_l, b_acc = _attend_block(b_qn, b_qp, p_ckv, p_kpe, start + o_blk, kv_end, b_last,
+                                                b_m, b_l, b_acc, scale_log2, DOT_FP32)
     else:
-        o_first = kv_begin + o_blk
-        b_page_next = tl.load(kv_indices + page_base + o_first // PAGE_SIZE, mask=o_first < kv_end, other=0)
-    for start in range(kv_begin, kv_end, BLOCK_N):
-        o_n = start + o_blk  # [BLOCK_N] request-local token ids
-        m_n = o_n < kv_end
-        b_page = b_page_next.to(tl.int64)
-        if ONE_PAGE_PER_BLOCK:
-            i_next = tl.minimum(start + BLOCK_N, kv_end - 1) // PAGE_SIZE
-            b_page_next = tl.load(kv_indices + page_base + i_next)
-            o_slot = start % PAGE_SIZE + o_blk  # [BLOCK_N]
-            p_ckv = ckv + b_page * stride_ckv_p + o_slot[:, None] * stride_ckv_t + o_c[None, :]
-            p_kpe = kpe + b_page * stride_kpe_p + o_slot[:, None] * stride_kpe_t + o_r[None, :]
-        else:
-            o_next = o_n + BLOCK_N
-            b_page_next = tl.load(kv_indices + page_base + o_next // PAGE_SIZE, mask=o_next < kv_end, other=0)
+        for start in range(kv_begin, kv_end, BLOCK_N):
+            o_n = start + o_blk  # [BLOCK_N] request-local token ids
+            b_page = tl.load(kv_indices + page_base + o_n // PAGE_SIZE, mask=o_n < kv_end, other=0).to(tl.int64)
             b_slot = (o_n % PAGE_SIZE).to(tl.int64)
             p_ckv = ckv + b_page[:, None] * stride_ckv_p + b_slot[:, None] * stride_ckv_t + o_c[None, :]
             p_kpe = kpe + b_page[:, None] * stride_kpe_p + b_slot[:, None] * stride_kpe_t + o_r[None, :]
-        b_ckv = tl.load(p_ckv, mask=m_n[:, None], other=0.0)  # [BLOCK_N, D_CKV]
-        b_kpe = tl.load(p_kpe, mask=m_n[:, None], other=0.0)  # [BLOCK_N, D_KPE]
-        if DOT_FP32:
-            b_ckv = b_ckv.to(tl.float32)
-            b_kpe = b_kpe.to(tl.float32)
-        b_s = tl.dot(b_qn, tl.trans(b_ckv))
-        b_s = tl.dot(b_qp, tl.trans(b_kpe), b_s) * scale_log2  # [BLOCK_M, BLOCK_N]
-        m_visible = m_n[None, :] & (o_n[None, :] <= b_last[:, None])
-        b_s = tl.where(m_visible, b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows with no key yet
-        b_alpha = tl.math.exp2(b_m - b_m_safe)
-        b_p = tl.math.exp2(b_s - b_m_safe[:, None])  # [BLOCK_M, BLOCK_N]
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None]
-        b_acc = tl.dot(b_p.to(b_ckv.dtype), b_ckv, b_acc)  # [BLOCK_M, D_CKV]
-        b_m = b_m_new
+            b_m, b_l, b_acc = _attend_block(b_qn, b_qp, p_ckv, p_kpe, o_n, kv_end, b_last,
+                                            b_m, b_l, b_acc, scale_log2, DOT_FP32)
 
     m_seen = b_l > 0.0
     b_l_safe = tl.where(m_seen, b_l, 1.0)
@@ -233,6 +245,7 @@ def launch_decode(
         BLOCK_N=config.block_n,
         IS_CAUSAL=causal,
         ONE_PAGE_PER_BLOCK=ckv_cache.shape[1] % config.block_n == 0,
+        PAGE_WINDOW=PAGE_WINDOW,
         DOT_FP32=_interp.dot_in_fp32(q_nope.device),
         num_warps=config.num_warps,
         num_stages=config.num_stages,

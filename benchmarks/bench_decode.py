@@ -154,6 +154,25 @@ def check(impl, ref, lowp) -> str:
     return f"ok (out err {errs['out_err']:.1e} <= {errs['out_budget']:.1e})"
 
 
+def kernel_times(fns: list, iters: int = 30) -> dict[str, float]:
+    """Mean GPU microseconds per call of each kernel, from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(iters):
+            fns[i % len(fns)]()
+        torch.cuda.synchronize()
+    times = {}
+    for evt in prof.key_averages():
+        total = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0)
+        if total > 0:
+            times[evt.key[:40]] = round(total / iters, 1)
+    return times
+
+
 def run_workload(name: str, args, ceilings) -> list[dict]:
     w = WORKLOADS[name]
     b = make_device_batch(w, "cuda", rotations=args.rotations)
@@ -175,7 +194,9 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
               flush=True)
 
     ours = Ours(b, args.rotations)
-    record(ours, "openmla", {**ours.wrappers[0].plan_info, "merge_us": round(ours.merge_us(), 1)})
+    record(ours, "openmla", {**ours.wrappers[0].plan_info, "merge_us": round(ours.merge_us(), 1),
+                             "kernels": kernel_times(ours.fns())})
+    print(f"  {name} openmla kernels (profiler, us per call): {rows[-1]['kernels']}")
     if args.sweep:
         for cfg, splits in sweep_points(w):
             try:
@@ -183,7 +204,7 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
             except ValueError as exc:
                 print(f"  skip {cfg} splits={splits}: {exc}")
                 continue
-            label = (f"openmla bn{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}" if cfg
+            label = (f"openmla bm{cfg.block_m} bn{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}" if cfg
                      else "openmla table-config") + f" sp{splits or 'auto'}"
             try:
                 record(impl, label, impl.wrappers[0].plan_info)
@@ -205,11 +226,11 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
 def sweep_points(w) -> list[tuple[DecodeConfig, int | None]]:
     rows = w.qo_len * w.num_heads
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    grid = ((32, 4, 2), (32, 4, 3), (32, 4, 4), (32, 8, 3), (32, 8, 4), (64, 4, 2), (64, 4, 3),
-            (64, 8, 2), (64, 8, 3), (16, 4, 4), (16, 4, 6))
-    points = [(DecodeConfig(bm, bn, warps, stages), None) for bn, warps, stages in grid
-              if not (bm == 64 and warps < 8)]
-    for splits in (2, 3, 4, 6, 8):
+    grid = ((bm, 32, 4, 3), (bm, 64, 4, 2), (bm, 64, 8, 2), (64, 32, 4, 2), (64, 32, 4, 3),
+            (64, 32, 8, 3), (64, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 3), (32, 64, 4, 2))
+    points = [(DecodeConfig(m, bn, warps, stages), None) for m, bn, warps, stages in grid
+              if m >= bm]
+    for splits in (2, 4, 8):
         points.append((None, splits))
     return points
 

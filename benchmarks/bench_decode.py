@@ -110,8 +110,8 @@ class Ours:
         p = w._plan  # noqa: SLF001 - a diagnostic of the library's own internals
         return time_rotating([lambda: launch_merge(
             part_o=w._part_o, part_lse=w._part_lse, out=self.out, lse=self.lse,  # noqa: SLF001
-            qo_indptr=p.arrays.qo_indptr, tok_req=p.arrays.tok_req,
-            req_num_parts=p.arrays.req_num_parts, req_part_base=p.arrays.req_part_base)])
+            tok_part_row=p.arrays.tok_part_row, tok_num_parts=p.arrays.tok_num_parts,
+            tok_part_stride=p.arrays.tok_part_stride)])
 
 
 class FlashInfer:

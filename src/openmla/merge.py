@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from openmla.kernels.merge import launch_merge
-from openmla.validation import ATTN_DTYPES, check_shape, check_tensor
+from openmla.validation import ATTN_DTYPES, check_shape, check_tensor, check_unit_last_stride
 
 
 def merge_states(
@@ -45,20 +45,26 @@ def merge_states(
     else:
         check_tensor("out", out, dtypes=ATTN_DTYPES, device=dev)
         check_shape("out", out, (num_tokens, num_heads, d))
+        check_unit_last_stride("out", out)
     if lse is None:
         lse = torch.empty((num_tokens, num_heads), dtype=torch.float32, device=dev)
     else:
         check_tensor("lse", lse, dtypes=(torch.float32,), device=dev)
         check_shape("lse", lse, (num_tokens, num_heads))
-    # One "request" holding every token; its parts lie one after another as in the decode.
+        check_unit_last_stride("lse", lse)
+    if num_parts * num_tokens * num_heads * d >= 2**31:
+        raise ValueError(f"partial_out must hold fewer than 2**31 elements, got shape {tuple(partial_out.shape)}")
+    # Token t, head h, part s sits in row (s * T + t) * H + h of the flattened partials.
+    def i32(value: int) -> torch.Tensor:
+        return torch.full((num_tokens,), value, dtype=torch.int32, device=dev)
+
     launch_merge(
         part_o=partial_out.contiguous().view(-1, d),
         part_lse=partial_lse.contiguous().view(-1),
         out=out,
         lse=lse,
-        qo_indptr=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
-        tok_req=torch.zeros(num_tokens, dtype=torch.int32, device=dev),
-        req_num_parts=torch.tensor([num_parts], dtype=torch.int32, device=dev),
-        req_part_base=torch.zeros(1, dtype=torch.int32, device=dev),
+        tok_part_row=torch.arange(0, num_tokens * num_heads, num_heads, dtype=torch.int32, device=dev),
+        tok_num_parts=i32(num_parts),
+        tok_part_stride=i32(num_tokens * num_heads),
     )
     return out, lse

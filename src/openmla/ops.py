@@ -28,22 +28,27 @@ class PlanArrays(NamedTuple):
     work_kv_begin: torch.Tensor
     work_kv_end: torch.Tensor
     work_part_row: torch.Tensor
-    req_num_parts: torch.Tensor
-    req_part_base: torch.Tensor
-    tok_req: torch.Tensor
+    tok_part_row: torch.Tensor
+    tok_num_parts: torch.Tensor
+    tok_part_stride: torch.Tensor
+
+
+def _meta_lengths(batch: int, work_capacity: int, token_capacity: int) -> list[int]:
+    return [batch + 1, batch + 1, batch] + [work_capacity] * 4 + [token_capacity] * 3
 
 
 def meta_numel(batch: int, work_capacity: int, token_capacity: int) -> int:
-    return 3 * batch + 2 + 4 * work_capacity + 2 * batch + token_capacity
+    return sum(_meta_lengths(batch, work_capacity, token_capacity))
 
 
 def slice_meta(meta: torch.Tensor, batch: int, work_capacity: int, token_capacity: int) -> PlanArrays:
-    lengths = [batch + 1, batch + 1, batch] + [work_capacity] * 4 + [batch, batch, token_capacity]
+    lengths = _meta_lengths(batch, work_capacity, token_capacity)
     return PlanArrays(*torch.split(meta[: sum(lengths)], lengths))
 
 
 def partial_rows_capacity(workspace_bytes: int, d_ckv: int) -> int:
-    return workspace_bytes // (4 * (d_ckv + 1))
+    """fp32 partial rows the workspace holds; capped so every partial offset fits int32."""
+    return min(workspace_bytes // (4 * (d_ckv + 1)), (2**31 - 1) // d_ckv)
 
 
 def slice_workspace(workspace: torch.Tensor, rows: int, d_ckv: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,10 +101,9 @@ def run_planned_decode(
         part_lse=part_lse,
         out=out,
         lse=lse,
-        qo_indptr=arrays.qo_indptr,
-        tok_req=arrays.tok_req,
-        req_num_parts=arrays.req_num_parts,
-        req_part_base=arrays.req_part_base,
+        tok_part_row=arrays.tok_part_row,
+        tok_num_parts=arrays.tok_num_parts,
+        tok_part_stride=arrays.tok_part_stride,
     )
 
 

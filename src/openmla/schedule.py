@@ -12,10 +12,10 @@ count and the device, so a CUDA graph captured once survives re-planning):
 
 ``work_req[w], work_kv_begin[w], work_kv_end[w], work_part_row[w]``
     one entry per decode program column; ``work_part_row = -1`` writes the final output.
-``req_num_parts[b]``  pieces of a split request, 0 when request ``b`` is written directly.
-``req_part_base[b]``  first partial row of request ``b``; piece ``j`` starts at
-                      ``req_part_base[b] + j * qo_len[b] * H``.
-``tok_req[t]``        request of query token ``t`` (the merge grid's rows).
+``tok_num_parts[t]``  pieces of query token ``t``'s request if it is split, else 0 (the merge
+                      grid's rows; padding rows are 0 too).
+``tok_part_row[t]``   partial row of token ``t``, head 0, piece 0; piece ``j`` is
+                      ``tok_part_stride[t] = qo_len * H`` rows further.
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ class Schedule:
     work_kv_begin: list[int]
     work_kv_end: list[int]
     work_part_row: list[int]
-    req_num_parts: list[int]
-    req_part_base: list[int]
-    tok_req: list[int]
+    tok_part_row: list[int]
+    tok_num_parts: list[int]
+    tok_part_stride: list[int]
     part_rows: int  # fp32 partial rows used in the workspace
+    split_requests: int
 
     @property
     def num_pieces(self) -> int:
@@ -97,36 +98,41 @@ def build_schedule(
         chunks = [chunk] * batch
 
     pieces: list[tuple[int, int, int, int, int]] = []  # (length, request, begin, end, part row)
-    req_num_parts = [0] * batch
-    req_part_base = [0] * batch
+    tok_part_row: list[int] = []
+    tok_num_parts: list[int] = []
+    tok_part_stride: list[int] = []
     next_row = 0
     for b in range(batch):
+        split = splits[b] > 1
+        base = next_row
+        for i in range(qo_lens[b]):
+            tok_part_row.append(base + i * num_heads if split else -1)
+            tok_num_parts.append(splits[b] if split else 0)
+            tok_part_stride.append(rows[b] if split else 0)
         if splits[b] == 0:
             continue
-        cuts = _cut(kv_lens[b], chunks[b], splits[b]) if splits[b] > 1 else [(0, kv_lens[b])]
-        if splits[b] > 1:
-            req_num_parts[b] = splits[b]
-            req_part_base[b] = next_row
-            next_row += splits[b] * rows[b]
+        cuts = _cut(kv_lens[b], chunks[b], splits[b]) if split else [(0, kv_lens[b])]
         for j, (lo, hi) in enumerate(cuts):
-            row = -1 if splits[b] == 1 else req_part_base[b] + j * rows[b]
-            pieces.append((hi - lo, b, lo, hi, row))
+            pieces.append((hi - lo, b, lo, hi, base + j * rows[b] if split else -1))
+        if split:
+            next_row += splits[b] * rows[b]
     if len(pieces) > capacity:
         raise ValueError(f"the plan needs {len(pieces)} work items, the grid holds {capacity}")
     pieces.sort(key=lambda p: -p[0])  # longest first: the tail of the grid gets short pieces
     pad = capacity - len(pieces)
-    tok_req = [b for b in range(batch) for _ in range(qo_lens[b])]
-    if len(tok_req) > token_capacity:
-        raise ValueError(f"{len(tok_req)} query tokens exceed the planned capacity {token_capacity}")
+    tok_pad = token_capacity - len(tok_num_parts)
+    if tok_pad < 0:
+        raise ValueError(f"{len(tok_num_parts)} query tokens exceed the planned capacity {token_capacity}")
     return Schedule(
         work_req=[p[1] for p in pieces] + [-1] * pad,
         work_kv_begin=[p[2] for p in pieces] + [0] * pad,
         work_kv_end=[p[3] for p in pieces] + [0] * pad,
         work_part_row=[p[4] for p in pieces] + [-1] * pad,
-        req_num_parts=req_num_parts,
-        req_part_base=req_part_base,
-        tok_req=tok_req + [-1] * (token_capacity - len(tok_req)),
+        tok_part_row=tok_part_row + [-1] * tok_pad,
+        tok_num_parts=tok_num_parts + [0] * tok_pad,
+        tok_part_stride=tok_part_stride + [0] * tok_pad,
         part_rows=next_row,
+        split_requests=sum(1 for s in splits if s > 1),
     )
 
 

@@ -239,8 +239,8 @@ class BatchMLAPagedAttentionWrapper:
 
         host_meta = torch.tensor(
             qo_host + kv_ptr_host + kv_len_host + sched.work_req + sched.work_kv_begin
-            + sched.work_kv_end + sched.work_part_row + sched.req_num_parts + sched.req_part_base
-            + sched.tok_req, dtype=torch.int32)
+            + sched.work_kv_end + sched.work_part_row + sched.tok_part_row + sched.tok_num_parts
+            + sched.tok_part_stride, dtype=torch.int32)
         assert host_meta.numel() == meta_numel(batch, cap, tok_cap)
         if self._use_cuda_graph and self._meta is not None:
             self._meta.copy_(host_meta)
@@ -253,7 +253,7 @@ class BatchMLAPagedAttentionWrapper:
             kv_dtype=kv_data_type, max_page=max_page, kv_indices=kv_indices_dev,
             arrays=slice_meta(self._meta, batch, cap, tok_cap),
             sizes=[batch, cap, tok_cap, self._part_rows_capacity, row_blocks], config=cfg,
-            num_pieces=sched.num_pieces, num_split_requests=sum(1 for n in sched.req_num_parts if n),
+            num_pieces=sched.num_pieces, num_split_requests=sched.split_requests,
         )
 
     def _device_indices(self, kv_indices: torch.Tensor, qo_indptr: torch.Tensor,

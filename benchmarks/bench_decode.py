@@ -28,7 +28,6 @@ import triton.testing
 
 from openmla import BatchMLAPagedAttentionWrapper
 from openmla.config import DecodeConfig
-from openmla.kernels.merge import launch_merge
 from openmla.reference import mla_decode_reference
 from openmla.testing import assert_attention_close
 from openmla.workloads import WORKLOADS, DeviceBatch, make_device_batch, plan_args
@@ -103,15 +102,6 @@ class Ours:
     def output(self) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.b
         return self.wrappers[0].run(b.q_nope, b.q_pe, b.ckv_cache, b.kpe_cache, return_lse=True)
-
-    def merge_us(self) -> float:
-        """The merge kernel alone on this plan (its share of the decode call)."""
-        w = self.wrappers[0]
-        p = w._plan  # noqa: SLF001 - a diagnostic of the library's own internals
-        return time_rotating([lambda: launch_merge(
-            part_o=w._part_o, part_lse=w._part_lse, out=self.out, lse=self.lse,  # noqa: SLF001
-            tok_part_row=p.arrays.tok_part_row, tok_num_parts=p.arrays.tok_num_parts,
-            tok_part_stride=p.arrays.tok_part_stride)])
 
 
 class FlashInfer:
@@ -194,8 +184,7 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
               flush=True)
 
     ours = Ours(b, args.rotations)
-    record(ours, "openmla", {**ours.wrappers[0].plan_info, "merge_us": round(ours.merge_us(), 1),
-                             "kernels": kernel_times(ours.fns())})
+    record(ours, "openmla", {**ours.wrappers[0].plan_info, "kernels": kernel_times(ours.fns())})
     print(f"  {name} openmla kernels (profiler, us per call): {rows[-1]['kernels']}")
     if args.sweep:
         for cfg, splits in sweep_points(w):
@@ -239,14 +228,14 @@ def print_table(rows: list[dict]) -> None:
     by = {}
     for r in rows:
         by.setdefault(r["workload"], {})[r["impl"]] = r
-    print("\n| workload | openmla us | GB/s | TFLOP/s | merge us | fa3 us | fa3 GB/s | fa3/openmla | fa2 us | check |")
+    print("\n| workload | openmla us | GB/s | TFLOP/s | merge kernel us | fa3 us | fa3 GB/s | fa3/openmla | fa2 us | check |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, impls in by.items():
         o = impls["openmla"]
         fa3 = impls.get("flashinfer-fa3")
         fa2 = impls.get("flashinfer-fa2")
         ratio = f"{fa3['us'] / o['us']:.2f}x" if fa3 else "-"
-        print(f"| {name} | {o['us']} | {o['GBps']} | {o['TFLOPs']} | {o.get('merge_us', '-')} | "
+        print(f"| {name} | {o['us']} | {o['GBps']} | {o['TFLOPs']} | {o.get('kernels', {}).get('_merge_kernel', 0)} | "
               f"{fa3['us'] if fa3 else '-'} | "
               f"{fa3['GBps'] if fa3 else '-'} | {ratio} | {fa2['us'] if fa2 else '-'} | {o['check'][:4]} |")
 

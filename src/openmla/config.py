@@ -73,6 +73,12 @@ class ScheduleConfig:
 
 DEFAULT_SCHEDULE = ScheduleConfig(waves=2, min_chunk=256)
 
+# A split request with at most this many pieces is merged inside the decode kernel by its last
+# piece; more pieces (one long request among short ones, W7) go to the merge kernel, which
+# spreads one request's merge over many programs. H100, 2026-11-21: the separate merge cost
+# 14.6 us of W1's 140 (its launch and ~4K programs dominate; the decode itself took 115.6).
+INLINE_MERGE_MAX = 16
+
 
 def env_num_splits() -> int | None:
     """``OPENMLA_NUM_SPLITS``: pin the split count of every request (A/B runs, tests)."""

@@ -28,13 +28,15 @@ class PlanArrays(NamedTuple):
     work_kv_begin: torch.Tensor
     work_kv_end: torch.Tensor
     work_part_row: torch.Tensor
+    work_num_parts: torch.Tensor
+    work_part_base: torch.Tensor
     tok_part_row: torch.Tensor
     tok_num_parts: torch.Tensor
     tok_part_stride: torch.Tensor
 
 
 def _meta_lengths(batch: int, work_capacity: int, token_capacity: int) -> list[int]:
-    return [batch + 1, batch + 1, batch] + [work_capacity] * 4 + [token_capacity] * 3
+    return [batch + 1, batch + 1, batch] + [work_capacity] * 6 + [token_capacity] * 3
 
 
 def meta_numel(batch: int, work_capacity: int, token_capacity: int) -> int:
@@ -68,12 +70,15 @@ def run_planned_decode(
     part_lse: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    counters: torch.Tensor,
     sm_scale: float,
     causal: bool,
     row_blocks: int,
     config: DecodeConfig,
+    merge_kernel: bool,
 ) -> None:
-    """Launch the split-KV decode, then the merge of split requests."""
+    """Launch the split-KV decode (which merges requests of few pieces itself), then, when the
+    plan has requests of many pieces, the merge kernel."""
     launch_decode(
         q_nope=q_nope,
         q_pe=q_pe,
@@ -91,11 +96,16 @@ def run_planned_decode(
         work_kv_begin=arrays.work_kv_begin,
         work_kv_end=arrays.work_kv_end,
         work_part_row=arrays.work_part_row,
+        work_num_parts=arrays.work_num_parts,
+        work_part_base=arrays.work_part_base,
+        counters=counters,
         sm_scale=sm_scale,
         causal=causal,
         row_blocks=row_blocks,
         config=config,
     )
+    if not merge_kernel:
+        return
     launch_merge(
         part_o=part_o,
         part_lse=part_lse,
@@ -107,7 +117,7 @@ def run_planned_decode(
     )
 
 
-@torch.library.custom_op("openmla::paged_decode", mutates_args=("workspace", "out", "lse"))
+@torch.library.custom_op("openmla::paged_decode", mutates_args=("workspace", "counters", "out", "lse"))
 def paged_decode(
     q_nope: torch.Tensor,
     q_pe: torch.Tensor,
@@ -116,6 +126,7 @@ def paged_decode(
     kv_indices: torch.Tensor,
     meta: torch.Tensor,
     workspace: torch.Tensor,
+    counters: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
     sizes: list[int],
@@ -123,9 +134,9 @@ def paged_decode(
     causal: bool,
     launch: list[int],
 ) -> None:
-    """``sizes = [batch, work_capacity, token_capacity, partial_rows, row_blocks]``;
+    """``sizes = [batch, work_capacity, token_capacity, partial_rows, row_blocks, merge_kernel]``;
     ``launch = [block_m, block_n, num_warps, num_stages]``."""
-    batch, work_cap, tok_cap, rows, row_blocks = sizes
+    batch, work_cap, tok_cap, rows, row_blocks, merge_kernel = sizes
     part_o, part_lse = slice_workspace(workspace, rows, q_nope.shape[-1])
     run_planned_decode(
         q_nope,
@@ -138,14 +149,16 @@ def paged_decode(
         part_lse,
         out,
         lse,
+        counters,
         sm_scale,
         causal,
         row_blocks,
         DecodeConfig(*launch),
+        bool(merge_kernel),
     )
 
 
 @paged_decode.register_fake
-def _(q_nope, q_pe, ckv_cache, kpe_cache, kv_indices, meta, workspace, out, lse, sizes, sm_scale,
-      causal, launch) -> None:
+def _(q_nope, q_pe, ckv_cache, kpe_cache, kv_indices, meta, workspace, counters, out, lse, sizes,
+      sm_scale, causal, launch) -> None:
     return None

@@ -12,8 +12,11 @@ count and the device, so a CUDA graph captured once survives re-planning):
 
 ``work_req[w], work_kv_begin[w], work_kv_end[w], work_part_row[w]``
     one entry per decode program column; ``work_part_row = -1`` writes the final output.
-``tok_num_parts[t]``  pieces of query token ``t``'s request if it is split, else 0 (the merge
-                      grid's rows; padding rows are 0 too).
+``work_num_parts[w], work_part_base[w]``
+    for a request of 2..INLINE_MERGE_MAX pieces: its piece count and first partial row (the
+    decode's last piece merges); 0 otherwise.
+``tok_num_parts[t]``  pieces of query token ``t``'s request when the merge kernel merges it
+                      (more than INLINE_MERGE_MAX pieces), else 0 (also for padding rows).
 ``tok_part_row[t]``   partial row of token ``t``, head 0, piece 0; piece ``j`` is
                       ``tok_part_stride[t] = qo_len * H`` rows further.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from openmla.config import DEFAULT_SCHEDULE, ScheduleConfig
+from openmla.config import DEFAULT_SCHEDULE, INLINE_MERGE_MAX, ScheduleConfig
 
 
 def cdiv(a: int, b: int) -> int:
@@ -35,11 +38,14 @@ class Schedule:
     work_kv_begin: list[int]
     work_kv_end: list[int]
     work_part_row: list[int]
+    work_num_parts: list[int]
+    work_part_base: list[int]
     tok_part_row: list[int]
     tok_num_parts: list[int]
     tok_part_stride: list[int]
     part_rows: int  # fp32 partial rows used in the workspace
     split_requests: int
+    merge_kernel_tokens: int  # query tokens the separate merge kernel handles
 
     @property
     def num_pieces(self) -> int:
@@ -97,23 +103,26 @@ def build_schedule(
             chunk *= 2
         chunks = [chunk] * batch
 
-    pieces: list[tuple[int, int, int, int, int]] = []  # (length, request, begin, end, part row)
+    # (length, request, begin, end, part row, inline-merge piece count, request base row)
+    pieces: list[tuple[int, int, int, int, int, int, int]] = []
     tok_part_row: list[int] = []
     tok_num_parts: list[int] = []
     tok_part_stride: list[int] = []
     next_row = 0
     for b in range(batch):
         split = splits[b] > 1
+        by_kernel = splits[b] > INLINE_MERGE_MAX
         base = next_row
         for i in range(qo_lens[b]):
-            tok_part_row.append(base + i * num_heads if split else -1)
-            tok_num_parts.append(splits[b] if split else 0)
-            tok_part_stride.append(rows[b] if split else 0)
+            tok_part_row.append(base + i * num_heads if by_kernel else -1)
+            tok_num_parts.append(splits[b] if by_kernel else 0)
+            tok_part_stride.append(rows[b] if by_kernel else 0)
         if splits[b] == 0:
             continue
         cuts = _cut(kv_lens[b], chunks[b], splits[b]) if split else [(0, kv_lens[b])]
+        inline = splits[b] if split and not by_kernel else 0
         for j, (lo, hi) in enumerate(cuts):
-            pieces.append((hi - lo, b, lo, hi, base + j * rows[b] if split else -1))
+            pieces.append((hi - lo, b, lo, hi, base + j * rows[b] if split else -1, inline, base))
         if split:
             next_row += splits[b] * rows[b]
     if len(pieces) > capacity:
@@ -128,11 +137,14 @@ def build_schedule(
         work_kv_begin=[p[2] for p in pieces] + [0] * pad,
         work_kv_end=[p[3] for p in pieces] + [0] * pad,
         work_part_row=[p[4] for p in pieces] + [-1] * pad,
+        work_num_parts=[p[5] for p in pieces] + [0] * pad,
+        work_part_base=[p[6] for p in pieces] + [0] * pad,
         tok_part_row=tok_part_row + [-1] * tok_pad,
         tok_num_parts=tok_num_parts + [0] * tok_pad,
         tok_part_stride=tok_part_stride + [0] * tok_pad,
         part_rows=next_row,
         split_requests=sum(1 for s in splits if s > 1),
+        merge_kernel_tokens=sum(1 for n in tok_num_parts if n),
     )
 
 

@@ -55,7 +55,7 @@ class _Plan:
     max_page: int  # largest page id the plan reads (-1: none); run() checks the cache holds it
     kv_indices: torch.Tensor
     arrays: PlanArrays
-    sizes: list[int]  # [batch, work_capacity, token_capacity, partial_rows, row_blocks]
+    sizes: list[int]  # [batch, work_capacity, token_capacity, partial_rows, row_blocks, merge_kernel]
     config: _config.DecodeConfig
     num_pieces: int
     num_split_requests: int
@@ -104,6 +104,7 @@ class BatchMLAPagedAttentionWrapper:
         self._part_o, self._part_lse = slice_workspace(
             float_workspace_buffer, self._part_rows_capacity, D_CKV)
         self._meta: torch.Tensor | None = None
+        self._counters: torch.Tensor | None = None
         self._graph_shape: tuple[int, int, int, int, _config.DecodeConfig] | None = None
         self._plan: _Plan | None = None
 
@@ -239,7 +240,8 @@ class BatchMLAPagedAttentionWrapper:
 
         host_meta = torch.tensor(
             qo_host + kv_ptr_host + kv_len_host + sched.work_req + sched.work_kv_begin
-            + sched.work_kv_end + sched.work_part_row + sched.tok_part_row + sched.tok_num_parts
+            + sched.work_kv_end + sched.work_part_row + sched.work_num_parts + sched.work_part_base
+            + sched.tok_part_row + sched.tok_num_parts
             + sched.tok_part_stride, dtype=torch.int32)
         assert host_meta.numel() == meta_numel(batch, cap, tok_cap)
         if self._use_cuda_graph and self._meta is not None:
@@ -247,12 +249,16 @@ class BatchMLAPagedAttentionWrapper:
         else:
             self._meta = host_meta.to(self._device)
         kv_indices_dev = self._device_indices(kv_indices, qo_indptr, kv_indptr, kv_len_arr)
+        if self._counters is None or self._counters.numel() < batch * row_blocks:
+            # arrival counters of the in-kernel merge; every launch leaves them at zero again
+            self._counters = torch.zeros(max(1, batch * row_blocks), dtype=torch.int32, device=self._device)
         self._plan = _Plan(
             batch=batch, num_tokens=num_tokens, num_heads=num_heads, page_size=page_size,
             causal=bool(causal), sm_scale=float(sm_scale), q_dtype=q_data_type,
             kv_dtype=kv_data_type, max_page=max_page, kv_indices=kv_indices_dev,
             arrays=slice_meta(self._meta, batch, cap, tok_cap),
-            sizes=[batch, cap, tok_cap, self._part_rows_capacity, row_blocks], config=cfg,
+            sizes=[batch, cap, tok_cap, self._part_rows_capacity, row_blocks,
+                   int(self._use_cuda_graph or sched.merge_kernel_tokens > 0)], config=cfg,
             num_pieces=sched.num_pieces, num_split_requests=sched.split_requests,
         )
 
@@ -335,13 +341,13 @@ class BatchMLAPagedAttentionWrapper:
 
         if torch.compiler.is_compiling():
             paged_decode(q_nope, q_pe, ckv_cache, kpe_cache, p.kv_indices, self._meta,
-                         self._workspace, out, lse, p.sizes, p.sm_scale, p.causal,
+                         self._workspace, self._counters, out, lse, p.sizes, p.sm_scale, p.causal,
                          [p.config.block_m, p.config.block_n, p.config.num_warps,
                           p.config.num_stages])
         else:
             run_planned_decode(q_nope, q_pe, ckv_cache, kpe_cache, p.kv_indices, p.arrays,
-                               self._part_o, self._part_lse, out, lse, p.sm_scale, p.causal, p.sizes[4],
-                               p.config)
+                               self._part_o, self._part_lse, out, lse, self._counters, p.sm_scale,
+                               p.causal, p.sizes[4], p.config, bool(p.sizes[5]))
         return (out, lse) if return_lse else out
 
     @property

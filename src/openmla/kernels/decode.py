@@ -9,7 +9,11 @@ Work item ``w`` (arrays built by ``schedule.py``):
     ``work_req[w]``       request index, ``-1`` for padding (the program exits);
     ``work_kv_begin/end`` token range ``[begin, end)`` inside the request;
     ``work_part_row[w]``  ``-1``: the range is the whole request, write ``out``/``lse`` directly;
-                          otherwise the first row of this piece's fp32 partials in ``part_o``.
+                          otherwise the first row of this piece's fp32 partials in ``part_o``;
+    ``work_num_parts[w]`` pieces of the request when the decode merges them itself (the last
+                          piece to finish, found with an atomic counter per request and row
+                          block, merges), 0 when the separate merge kernel does;
+    ``work_part_base[w]`` first partial row of the request (piece ``j`` at ``+ j * rows``).
 
 Piece boundaries are multiples of ``BLOCK_N``, so when ``PAGE_SIZE % BLOCK_N == 0`` a block
 never straddles pages and one page id addresses the whole ``[BLOCK_N, 576]`` tile
@@ -28,7 +32,8 @@ import triton.language as tl
 from openmla import _interp
 from openmla.config import DecodeConfig
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 PAGE_WINDOW = 64  # page ids held in registers per window (one index load per 4096 tokens at page 64)
 
 
@@ -74,6 +79,9 @@ def _mla_decode_kernel(
     work_kv_begin,
     work_kv_end,
     work_part_row,
+    work_num_parts,
+    work_part_base,
+    counters,
     scale_log2,
     stride_qn_t,
     stride_qn_h,
@@ -169,15 +177,52 @@ def _mla_decode_kernel(
     m_seen = b_l > 0.0
     b_l_safe = tl.where(m_seen, b_l, 1.0)
     b_o = b_acc / b_l_safe[:, None]
-    b_lse = tl.where(m_seen, (b_m + tl.math.log2(b_l_safe)) * 0.6931471805599453, float("-inf"))
+    b_lse = tl.where(m_seen, (b_m + tl.math.log2(b_l_safe)) * LN2, float("-inf"))
     if part_row < 0:
-        p_o = out + i_qrow[:, None] * stride_o_t + i_head[:, None] * stride_o_h + o_c[None, :]
-        tl.store(p_o, b_o.to(out.dtype.element_ty), mask=m_m[:, None])
-        tl.store(lse + i_qrow * stride_lse_t + i_head, b_lse, mask=m_m)
+        _store_rows(out, lse, b_o, b_lse, i_qrow, i_head, o_c, m_m, stride_o_t, stride_o_h, stride_lse_t)
     else:
-        i_prow = (part_row + o_m).to(tl.int64)
+        i_prow = part_row + o_m  # [BLOCK_M] (int32: partial offsets stay below 2**31)
         tl.store(part_o + i_prow[:, None] * D_CKV + o_c[None, :], b_o, mask=m_m[:, None])
         tl.store(part_lse + i_prow, b_lse, mask=m_m)
+        n_parts = tl.load(work_num_parts + i_w)  # 0: the merge kernel combines this request
+        if n_parts > 0:
+            # The last piece of this (request, row block) to finish merges all of them, in piece
+            # order (so the result does not depend on which piece came last), and re-arms the
+            # counter for the next launch. barrier + acq_rel atomic publish this CTA's stores.
+            tl.debug_barrier()
+            p_count = counters + i_b * tl.num_programs(1) + i_m
+            if tl.atomic_add(p_count, 1, sem="acq_rel", scope="gpu") == n_parts - 1:
+                tl.debug_barrier()
+                base = tl.load(work_part_base + i_w)
+                b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+                b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+                b_acc = tl.zeros([BLOCK_M, D_CKV], dtype=tl.float32)
+                for j in range(0, n_parts):
+                    i_jrow = base + j * n_rows + o_m  # [BLOCK_M]
+                    b_lse_j = tl.load(part_lse + i_jrow, mask=m_m, other=float("-inf"), cache_modifier=".cg")
+                    b_o_j = tl.load(part_o + i_jrow[:, None] * D_CKV + o_c[None, :], mask=m_m[:, None],
+                                    other=0.0, cache_modifier=".cg")  # [BLOCK_M, D_CKV]
+                    b_m_new = tl.maximum(b_m, b_lse_j)
+                    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+                    b_alpha = tl.math.exp2((b_m - b_m_safe) * LOG2E)
+                    b_w = tl.math.exp2((b_lse_j - b_m_safe) * LOG2E)
+                    b_l = b_l * b_alpha + b_w
+                    b_acc = b_acc * b_alpha[:, None] + b_w[:, None] * b_o_j
+                    b_m = b_m_new
+                m_seen = b_l > 0.0
+                b_l_safe = tl.where(m_seen, b_l, 1.0)
+                b_lse = tl.where(m_seen, b_m + tl.log(b_l_safe), float("-inf"))
+                _store_rows(out, lse, b_acc / b_l_safe[:, None], b_lse, i_qrow, i_head, o_c, m_m,
+                            stride_o_t, stride_o_h, stride_lse_t)
+                tl.atomic_xchg(p_count, 0)
+
+
+@triton.jit
+def _store_rows(out, lse, b_o, b_lse, i_qrow, i_head, o_c, m_m, stride_o_t, stride_o_h, stride_lse_t):
+    """Final output rows (query token i_qrow, head i_head) [BLOCK_M, D_CKV] and their LSE."""
+    p_o = out + i_qrow[:, None] * stride_o_t + i_head[:, None] * stride_o_h + o_c[None, :]
+    tl.store(p_o, b_o.to(out.dtype.element_ty), mask=m_m[:, None])
+    tl.store(lse + i_qrow * stride_lse_t + i_head, b_lse, mask=m_m)
 
 
 def launch_decode(
@@ -198,6 +243,9 @@ def launch_decode(
     work_kv_begin: torch.Tensor,
     work_kv_end: torch.Tensor,
     work_part_row: torch.Tensor,
+    work_num_parts: torch.Tensor,
+    work_part_base: torch.Tensor,
+    counters: torch.Tensor,
     sm_scale: float,
     causal: bool,
     row_blocks: int,
@@ -225,7 +273,10 @@ def launch_decode(
         work_kv_begin,
         work_kv_end,
         work_part_row,
-        sm_scale * LOG2E,
+        work_num_parts,
+        work_part_base,
+        counters,
+        sm_scale * 1.4426950408889634,
         q_nope.stride(0),
         q_nope.stride(1),
         q_pe.stride(0),

@@ -85,7 +85,10 @@ def env_num_splits() -> int | None:
     value = os.environ.get("OPENMLA_NUM_SPLITS")
     if value is None or value == "":
         return None
-    n = int(value)
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"OPENMLA_NUM_SPLITS must be an integer >= 1, got {value!r}") from None
     if n < 1:
         raise ValueError(f"OPENMLA_NUM_SPLITS must be >= 1, got {n}")
     return n

@@ -320,7 +320,9 @@ class BatchMLAPagedAttentionWrapper:
         num_pages = ckv_cache.shape[0]
         check_shape("ckv_cache", ckv_cache, (num_pages, p.page_size, D_CKV))
         check_shape("kpe_cache", kpe_cache, (num_pages, p.page_size, D_KPE))
-        if p.max_page >= num_pages:
+        # Checked in eager mode only: under torch.compile a guard on the plan's max_page would
+        # recompile whenever a request enters a new page (the plan validated the indices).
+        if not torch.compiler.is_compiling() and p.max_page >= num_pages:
             raise ValueError(
                 f"kv_indices reads page {p.max_page}, the caches hold {num_pages} pages")
         for name, t in (("q_nope", q_nope), ("q_pe", q_pe), ("ckv_cache", ckv_cache),

@@ -76,7 +76,6 @@ def device_ceilings() -> dict[str, float]:
     read_us = 1e3 * triton.testing.do_bench(lambda: src.view(torch.int64).sum(), return_mode="median")
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     mm_us = 1e3 * triton.testing.do_bench(lambda: a @ a, return_mode="median")
-    del src, dst, a
     return {"copy_GBps": 2 * n / copy_us / 1e3, "read_GBps": n / read_us / 1e3,
             "bf16_mm_TFLOPs": 2 * 8192**3 / mm_us / 1e6}
 

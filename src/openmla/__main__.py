@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported below
 
     from openmla import BatchMLAPagedAttentionWrapper
+    from openmla.reference import mla_decode_reference
     from openmla.testing import assert_attention_close
     from openmla.workloads import WORKLOADS, Workload, make_device_batch, plan_args
-    from openmla.reference import mla_decode_reference
 
     if on_gpu:
         device, workloads = torch.device("cuda"), [WORKLOADS["W1"], WORKLOADS["W2"]]

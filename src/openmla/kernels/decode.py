@@ -197,24 +197,31 @@ def _mla_decode_kernel(
                 b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
                 b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
                 b_acc = tl.zeros([BLOCK_M, D_CKV], dtype=tl.float32)
-                for j in range(0, n_parts):
-                    i_jrow = base + j * n_rows + o_m  # [BLOCK_M]
-                    b_lse_j = tl.load(part_lse + i_jrow, mask=m_m, other=float("-inf"), cache_modifier=".cg")
-                    b_o_j = tl.load(part_o + i_jrow[:, None] * D_CKV + o_c[None, :], mask=m_m[:, None],
-                                    other=0.0, cache_modifier=".cg")  # [BLOCK_M, D_CKV]
-                    b_m_new = tl.maximum(b_m, b_lse_j)
-                    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-                    b_alpha = tl.math.exp2((b_m - b_m_safe) * LOG2E)
-                    b_w = tl.math.exp2((b_lse_j - b_m_safe) * LOG2E)
-                    b_l = b_l * b_alpha + b_w
-                    b_acc = b_acc * b_alpha[:, None] + b_w[:, None] * b_o_j
-                    b_m = b_m_new
+                for j in range(0, n_parts, 2):  # two pieces per step: two loads in flight
+                    m_second = m_m & (o_m * 0 + j + 1 < n_parts)
+                    b_m, b_l, b_acc = _merge_piece(part_o, part_lse, base + j * n_rows + o_m, m_m, o_c,
+                                                   b_m, b_l, b_acc, D_CKV)
+                    b_m, b_l, b_acc = _merge_piece(part_o, part_lse, base + (j + 1) * n_rows + o_m,
+                                                   m_second, o_c, b_m, b_l, b_acc, D_CKV)
                 m_seen = b_l > 0.0
                 b_l_safe = tl.where(m_seen, b_l, 1.0)
                 b_lse = tl.where(m_seen, b_m + tl.log(b_l_safe), float("-inf"))
                 _store_rows(out, lse, b_acc / b_l_safe[:, None], b_lse, i_qrow, i_head, o_c, m_m,
                             stride_o_t, stride_o_h, stride_lse_t)
                 tl.atomic_xchg(p_count, 0)
+
+
+@triton.jit
+def _merge_piece(part_o, part_lse, i_rows, m_rows, o_c, b_m, b_l, b_acc, D_CKV: tl.constexpr):
+    """Fold one piece's fp32 partial rows ``i_rows`` [BLOCK_M] into the running (m, l, acc)."""
+    b_lse_j = tl.load(part_lse + i_rows, mask=m_rows, other=float("-inf"), cache_modifier=".cg")
+    b_o_j = tl.load(part_o + i_rows[:, None] * D_CKV + o_c[None, :], mask=m_rows[:, None], other=0.0,
+                    cache_modifier=".cg")  # [BLOCK_M, D_CKV]
+    b_m_new = tl.maximum(b_m, b_lse_j)
+    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    b_alpha = tl.math.exp2((b_m - b_m_safe) * LOG2E)
+    b_w = tl.math.exp2((b_lse_j - b_m_safe) * LOG2E)
+    return b_m_new, b_l * b_alpha + b_w, b_acc * b_alpha[:, None] + b_w[:, None] * b_o_j
 
 
 @triton.jit

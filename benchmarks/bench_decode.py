@@ -185,6 +185,8 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
     ours = Ours(b, args.rotations)
     record(ours, "openmla", {**ours.wrappers[0].plan_info, "kernels": kernel_times(ours.fns())})
     print(f"  {name} openmla kernels (profiler, us per call): {rows[-1]['kernels']}")
+    det = Ours(b, args.rotations, deterministic=True)
+    record(det, "openmla-deterministic", det.wrappers[0].plan_info)
     if args.sweep:
         for cfg, splits in sweep_points(w):
             try:
@@ -227,14 +229,16 @@ def print_table(rows: list[dict]) -> None:
     by = {}
     for r in rows:
         by.setdefault(r["workload"], {})[r["impl"]] = r
-    print("\n| workload | openmla us | GB/s | TFLOP/s | merge kernel us | fa3 us | fa3 GB/s | fa3/openmla | fa2 us | check |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| workload | openmla us | GB/s | TFLOP/s | merge kernel us | deterministic us | fa3 us | fa3 GB/s "
+          "| fa3/openmla | fa2 us | check |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, impls in by.items():
         o = impls["openmla"]
         fa3 = impls.get("flashinfer-fa3")
         fa2 = impls.get("flashinfer-fa2")
         ratio = f"{fa3['us'] / o['us']:.2f}x" if fa3 else "-"
-        print(f"| {name} | {o['us']} | {o['GBps']} | {o['TFLOPs']} | {o.get('kernels', {}).get('_merge_kernel', 0)} | "
+        det = impls.get("openmla-deterministic", {}).get("us", "-")
+        print(f"| {name} | {o['us']} | {o['GBps']} | {o['TFLOPs']} | {o.get('kernels', {}).get('_merge_kernel', 0)} | {det} | "
               f"{fa3['us'] if fa3 else '-'} | "
               f"{fa3['GBps'] if fa3 else '-'} | {ratio} | {fa2['us'] if fa2 else '-'} | {o['check'][:4]} |")
 

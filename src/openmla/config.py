@@ -73,6 +73,10 @@ class ScheduleConfig:
 
 DEFAULT_SCHEDULE = ScheduleConfig(waves=2, min_chunk=256)
 
+# Batch-invariant (deterministic) mode cuts every request at multiples of this many tokens, so
+# its pieces depend on its own length only. 1024 is what the balanced schedule picks on W1.
+DETERMINISTIC_CHUNK = 1024
+
 # A split request with at most this many pieces is merged inside the decode kernel by its last
 # piece; more pieces (one long request among short ones, W7) go to the merge kernel, which
 # spreads one request's merge over many programs. H100, 2026-11-21: the separate merge cost

@@ -3,7 +3,9 @@
 The batch's KV is cut into *pieces* (request, token range). Automatic mode sizes pieces so the
 whole batch makes about ``waves`` pieces per SM (long requests get many pieces, short ones stay
 whole); a pinned split count (``num_splits``) cuts every request into exactly that many pieces,
-possibly empty. Piece boundaries are always multiples of ``block_n`` (the decode kernel relies on
+possibly empty. Batch-invariant mode (``deterministic``) cuts every request at multiples of
+``DETERMINISTIC_CHUNK`` tokens, so a request's pieces depend on its own length only. Piece
+boundaries are always multiples of ``block_n`` (the decode kernel relies on
 it to address a block through one page id when the page size allows). A request cut into one piece writes its output directly; the pieces of a split
 request write fp32 partials that the merge kernel combines.
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from openmla.config import DEFAULT_SCHEDULE, INLINE_MERGE_MAX, ScheduleConfig
+from openmla.config import DEFAULT_SCHEDULE, DETERMINISTIC_CHUNK, INLINE_MERGE_MAX, ScheduleConfig
 
 
 def cdiv(a: int, b: int) -> int:
@@ -53,11 +55,22 @@ class Schedule:
 
 
 def work_capacity(batch_size: int, num_splits: int | None, num_sms: int, row_blocks: int,
-                  sched: ScheduleConfig = DEFAULT_SCHEDULE) -> int:
-    """Upper bound on the pieces of any plan with this batch size: fixes the decode grid."""
+                  sched: ScheduleConfig = DEFAULT_SCHEDULE, deterministic_pieces: int | None = None) -> int:
+    """Upper bound on the pieces of any plan with this batch size: fixes the decode grid.
+
+    In deterministic mode the pieces grow with the lengths: ``deterministic_pieces`` (this
+    plan's count) is rounded up to a multiple of 64, and at least ``batch + 8 * SMs`` is kept so
+    a CUDA graph captured on a first plan fits later plans with longer requests.
+    """
     if num_splits is not None:
         return max(1, batch_size * num_splits)
+    if deterministic_pieces is not None:
+        return max(cdiv(max(deterministic_pieces, 1), 64) * 64, batch_size + 8 * num_sms)
     return batch_size + _target_pieces(num_sms, row_blocks, sched)
+
+
+def deterministic_pieces(qo_lens: list[int], kv_lens: list[int]) -> int:
+    return sum(max(1, cdiv(n, DETERMINISTIC_CHUNK)) for q, n in zip(qo_lens, kv_lens) if q)
 
 
 def _target_pieces(num_sms: int, row_blocks: int, sched: ScheduleConfig) -> int:
@@ -80,6 +93,7 @@ def build_schedule(
     token_capacity: int,
     num_splits: int | None = None,
     sched: ScheduleConfig = DEFAULT_SCHEDULE,
+    deterministic: bool = False,
 ) -> Schedule:
     """Cut the batch into pieces; raises ValueError when a pinned split count does not fit."""
     batch = len(kv_lens)
@@ -92,6 +106,13 @@ def build_schedule(
                 f"num_splits={num_splits} needs {_partial_rows(splits, rows)} partial rows, the "
                 f"workspace holds {part_rows_capacity}: give a larger float_workspace_buffer"
             )
+    elif deterministic:
+        splits = [max(1, cdiv(kv_lens[b], DETERMINISTIC_CHUNK)) if rows[b] else 0 for b in range(batch)]
+        chunks = [DETERMINISTIC_CHUNK] * batch
+        if _partial_rows(splits, rows) > part_rows_capacity:
+            raise ValueError(
+                f"deterministic mode needs {_partial_rows(splits, rows)} partial rows, the workspace "
+                f"holds {part_rows_capacity}: give a larger float_workspace_buffer")
     else:
         total_kv = sum(kv_lens[b] for b in range(batch) if rows[b])
         chunk = max(sched.min_chunk, cdiv(total_kv, _target_pieces(num_sms, row_blocks, sched)))

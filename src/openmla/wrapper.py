@@ -25,7 +25,7 @@ from openmla.ops import (
     slice_meta,
     slice_workspace,
 )
-from openmla.schedule import build_schedule, cdiv, work_capacity
+from openmla.schedule import build_schedule, cdiv, deterministic_pieces, work_capacity
 from openmla.validation import (
     ATTN_DTYPES,
     INDEX_DTYPES,
@@ -134,6 +134,7 @@ class BatchMLAPagedAttentionWrapper:
         *,
         num_kv_heads: int = 1,
         num_splits: int | None = None,
+        deterministic: bool = False,
         decode_config: _config.DecodeConfig | None = None,
     ) -> None:
         """Validate a batch and compute its split schedule.
@@ -151,6 +152,10 @@ class BatchMLAPagedAttentionWrapper:
             num_kv_heads: latent heads (1 for MLA); num_heads must be a multiple of it.
             num_splits: pin every request to this many KV pieces (A/B runs and tests); default:
                 the ``OPENMLA_NUM_SPLITS`` environment variable, else the balanced schedule.
+            deterministic: batch-invariant mode: a request's ``out`` and ``lse`` are bitwise the
+                same whatever else is in the batch (its KV is cut at fixed multiples of
+                ``DETERMINISTIC_CHUNK`` tokens, the tile depends on ``num_heads`` only, pieces
+                merge in a fixed order). For RL rollouts and reproducible serving.
             decode_config: override the table's launch configuration (tuning runs).
         """
         num_heads = check_int("num_heads", num_heads, low=1, high=MAX_HEADS)
@@ -216,12 +221,14 @@ class BatchMLAPagedAttentionWrapper:
 
         num_tokens = qo_host[-1]
         max_rows = max(qo_lens, default=0) * num_heads
-        cfg = decode_config or _config.decode_config(max_rows, page_size)
+        # In deterministic mode the tile shape must not depend on the batch: size it by heads.
+        cfg = decode_config or _config.decode_config(num_heads if deterministic else max_rows, page_size)
         row_blocks = max(1, cdiv(max_rows, cfg.block_m))
         num_sms = self._num_sms()
+        det_pieces = deterministic_pieces(qo_lens, kv_len_host) if deterministic and num_splits is None else None
         if self._use_cuda_graph:
             if self._graph_shape is None:
-                cap = work_capacity(batch, num_splits, num_sms, row_blocks)
+                cap = work_capacity(batch, num_splits, num_sms, row_blocks, deterministic_pieces=det_pieces)
                 self._graph_shape = (batch, cap, num_tokens, row_blocks, cfg)
             g_batch, cap, tok_cap, g_row_blocks, g_cfg = self._graph_shape
             if batch != g_batch:
@@ -233,10 +240,11 @@ class BatchMLAPagedAttentionWrapper:
                     "the first plan; create a new wrapper")
             row_blocks = g_row_blocks
         else:
-            cap, tok_cap = work_capacity(batch, num_splits, num_sms, row_blocks), num_tokens
+            cap = work_capacity(batch, num_splits, num_sms, row_blocks, deterministic_pieces=det_pieces)
+            tok_cap = num_tokens
         sched = build_schedule(
             qo_lens, kv_len_host, num_heads, cfg.block_n, row_blocks, num_sms,
-            self._part_rows_capacity, cap, tok_cap, num_splits=num_splits)
+            self._part_rows_capacity, cap, tok_cap, num_splits=num_splits, deterministic=deterministic)
 
         host_meta = torch.tensor(
             qo_host + kv_ptr_host + kv_len_host + sched.work_req + sched.work_kv_begin

@@ -73,9 +73,16 @@ class ScheduleConfig:
 
 DEFAULT_SCHEDULE = ScheduleConfig(waves=2, min_chunk=256)
 
-# Batch-invariant (deterministic) mode cuts every request at multiples of this many tokens, so
-# its pieces depend on its own length only. 1024 is what the balanced schedule picks on W1.
+# Batch-invariant (deterministic) mode cuts every request at multiples of a chunk that depends
+# on the head count only, so its pieces depend on its own length only. 1024 tokens at <= 32 heads
+# is what the balanced schedule picks on W1; more heads get longer chunks (1024 * heads / 32), so
+# partial rows per request stay bounded: at 128 heads, 1024-token chunks overflowed a 128 MiB
+# workspace on W3 (131072 partial rows > 65408).
 DETERMINISTIC_CHUNK = 1024
+
+
+def deterministic_chunk(num_heads: int) -> int:
+    return DETERMINISTIC_CHUNK * max(1, num_heads // 32)
 
 # A split request with at most this many pieces is merged inside the decode kernel by its last
 # piece; more pieces (one long request among short ones, W7) go to the merge kernel, which

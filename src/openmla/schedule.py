@@ -4,7 +4,7 @@ The batch's KV is cut into *pieces* (request, token range). Automatic mode sizes
 whole batch makes about ``waves`` pieces per SM (long requests get many pieces, short ones stay
 whole); a pinned split count (``num_splits``) cuts every request into exactly that many pieces,
 possibly empty. Batch-invariant mode (``deterministic``) cuts every request at multiples of
-``DETERMINISTIC_CHUNK`` tokens, so a request's pieces depend on its own length only. Piece
+``deterministic_chunk(num_heads)`` tokens, so a request's pieces depend on its own length only. Piece
 boundaries are always multiples of ``block_n`` (the decode kernel relies on
 it to address a block through one page id when the page size allows). A request cut into one piece writes its output directly; the pieces of a split
 request write fp32 partials that the merge kernel combines.
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from openmla.config import DEFAULT_SCHEDULE, DETERMINISTIC_CHUNK, INLINE_MERGE_MAX, ScheduleConfig
+from openmla.config import DEFAULT_SCHEDULE, INLINE_MERGE_MAX, ScheduleConfig, deterministic_chunk
 
 
 def cdiv(a: int, b: int) -> int:
@@ -69,8 +69,9 @@ def work_capacity(batch_size: int, num_splits: int | None, num_sms: int, row_blo
     return batch_size + _target_pieces(num_sms, row_blocks, sched)
 
 
-def deterministic_pieces(qo_lens: list[int], kv_lens: list[int]) -> int:
-    return sum(max(1, cdiv(n, DETERMINISTIC_CHUNK)) for q, n in zip(qo_lens, kv_lens) if q)
+def deterministic_pieces(qo_lens: list[int], kv_lens: list[int], num_heads: int) -> int:
+    chunk = deterministic_chunk(num_heads)
+    return sum(max(1, cdiv(n, chunk)) for q, n in zip(qo_lens, kv_lens) if q)
 
 
 def _target_pieces(num_sms: int, row_blocks: int, sched: ScheduleConfig) -> int:
@@ -107,8 +108,9 @@ def build_schedule(
                 f"workspace holds {part_rows_capacity}: give a larger float_workspace_buffer"
             )
     elif deterministic:
-        splits = [max(1, cdiv(kv_lens[b], DETERMINISTIC_CHUNK)) if rows[b] else 0 for b in range(batch)]
-        chunks = [DETERMINISTIC_CHUNK] * batch
+        chunk = deterministic_chunk(num_heads)
+        splits = [max(1, cdiv(kv_lens[b], chunk)) if rows[b] else 0 for b in range(batch)]
+        chunks = [chunk] * batch
         if _partial_rows(splits, rows) > part_rows_capacity:
             raise ValueError(
                 f"deterministic mode needs {_partial_rows(splits, rows)} partial rows, the workspace "

@@ -154,7 +154,7 @@ class BatchMLAPagedAttentionWrapper:
                 the ``OPENMLA_NUM_SPLITS`` environment variable, else the balanced schedule.
             deterministic: batch-invariant mode: a request's ``out`` and ``lse`` are bitwise the
                 same whatever else is in the batch (its KV is cut at fixed multiples of
-                ``DETERMINISTIC_CHUNK`` tokens, the tile depends on ``num_heads`` only, pieces
+                ``config.deterministic_chunk(num_heads)`` tokens, the tile depends on ``num_heads`` only, pieces
                 merge in a fixed order). For RL rollouts and reproducible serving.
             decode_config: override the table's launch configuration (tuning runs).
         """
@@ -225,7 +225,8 @@ class BatchMLAPagedAttentionWrapper:
         cfg = decode_config or _config.decode_config(num_heads if deterministic else max_rows, page_size)
         row_blocks = max(1, cdiv(max_rows, cfg.block_m))
         num_sms = self._num_sms()
-        det_pieces = deterministic_pieces(qo_lens, kv_len_host) if deterministic and num_splits is None else None
+        det_pieces = (deterministic_pieces(qo_lens, kv_len_host, num_heads)
+                      if deterministic and num_splits is None else None)
         if self._use_cuda_graph:
             if self._graph_shape is None:
                 cap = work_capacity(batch, num_splits, num_sms, row_blocks, deterministic_pieces=det_pieces)

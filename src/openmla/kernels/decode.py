@@ -1,7 +1,8 @@
 """Split-KV paged MLA decode kernel.
 
 One program handles one *work item* of the plan (a request and a KV token range) for one block
-of tile rows. A request's rows are its (query token, head) pairs, packed ``row = i * H + h``, so
+of tile rows (1-D grid: program ``w * ROW_BLOCKS + m``). A request's rows are its (query token,
+head) pairs, packed ``row = i * H + h``, so
 every head and every query token of a request share one pass over its KV: the ``[BLOCK_N, 576]``
 cache tile is loaded once, used as K (scores over 512 + 64 dims) and its first 512 columns as V.
 
@@ -94,6 +95,7 @@ def _mla_decode_kernel(
     stride_o_t,
     stride_o_h,
     stride_lse_t,
+    ROW_BLOCKS,
     H: tl.constexpr,
     D_CKV: tl.constexpr,
     D_KPE: tl.constexpr,
@@ -105,8 +107,11 @@ def _mla_decode_kernel(
     PAGE_WINDOW: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    i_w = tl.program_id(0)
-    i_m = tl.program_id(1)
+    # Row blocks of one piece are neighbours in launch order, so they run together and the second
+    # one finds the piece's KV in L2 (with the row blocks as the slow grid axis, W2's two row
+    # blocks of a piece ran a wave apart and each read the KV from HBM).
+    i_w = tl.program_id(0) // ROW_BLOCKS
+    i_m = tl.program_id(0) % ROW_BLOCKS
     i_b = tl.load(work_req + i_w)
     if i_b < 0:
         return
@@ -190,7 +195,7 @@ def _mla_decode_kernel(
             # order (so the result does not depend on which piece came last), and re-arms the
             # counter for the next launch. barrier + acq_rel atomic publish this CTA's stores.
             tl.debug_barrier()
-            p_count = counters + i_b * tl.num_programs(1) + i_m
+            p_count = counters + i_b * ROW_BLOCKS + i_m
             if tl.atomic_add(p_count, 1, sem="acq_rel", scope="gpu") == n_parts - 1:
                 tl.debug_barrier()
                 base = tl.load(work_part_base + i_w)
@@ -261,7 +266,7 @@ def launch_decode(
     caches ``[P, page_size, 512]`` / ``[P, page_size, 64]`` (any page/token strides, unit last
     stride), ``out [T, H, 512]``, ``lse [T, H]`` fp32, ``part_o [R, 512]`` / ``part_lse [R]`` fp32."""
     num_heads, d_ckv = q_nope.shape[1], q_nope.shape[2]
-    grid = (work_req.numel(), row_blocks)
+    grid = (work_req.numel() * row_blocks,)
     _mla_decode_kernel[grid](
         q_nope,
         q_pe,
@@ -294,6 +299,7 @@ def launch_decode(
         out.stride(0),
         out.stride(1),
         lse.stride(0),
+        row_blocks,
         H=num_heads,
         D_CKV=d_ckv,
         D_KPE=q_pe.shape[2],

@@ -2,9 +2,10 @@
 
 One program handles one *work item* of the plan (a request and a KV token range) for one block
 of tile rows (1-D grid: program ``w * ROW_BLOCKS + m``). A request's rows are its (query token,
-head) pairs, packed ``row = i * H + h``, so
-every head and every query token of a request share one pass over its KV: the ``[BLOCK_N, 576]``
-cache tile is loaded once, used as K (scores over 512 + 64 dims) and its first 512 columns as V.
+head) pairs, packed ``row = i * H + h``, so up to ``BLOCK_M`` (64) rows share one pass over its
+KV: the ``[BLOCK_N, 576]`` cache tile is loaded once, used as K (scores over 512 + 64 dims) and
+its first 512 columns as V. More rows take several row blocks, launched side by side so the
+later ones find the KV in L2.
 
 Work item ``w`` (arrays built by ``schedule.py``):
     ``work_req[w]``       request index, ``-1`` for padding (the program exits);

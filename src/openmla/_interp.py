@@ -2,7 +2,8 @@
 
 The interpreter is selected by ``TRITON_INTERPRET=1`` *before* the kernel modules are
 imported (Triton reads it when ``@triton.jit`` runs). The library never sets it itself;
-the test suite's ``conftest.py`` and ``python -m openmla`` do, when no GPU is present.
+the test suite's ``conftest.py`` and ``python -m openmla`` set it inline, before the kernels are
+imported, when no GPU is present.
 
 Known gap: under the interpreter ``tl.dot`` on bf16 operands multiplies raw bit patterns
 (triton issue 11584). Kernels take a ``DOT_FP32`` compile-time flag that up-casts dot
@@ -23,13 +24,3 @@ def is_interpreting() -> bool:
 def dot_in_fp32(device: torch.device) -> bool:
     """True when the kernels must up-cast dot operands (interpreter or CPU tensors)."""
     return is_interpreting() or device.type == "cpu"
-
-
-def enable_interpreter_if_no_gpu() -> bool:
-    """Select the interpreter when no CUDA device exists. Call before importing openmla.
-
-    Returns True when the interpreter is (now) selected.
-    """
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    return is_interpreting()

@@ -216,8 +216,10 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
 def sweep_points(w) -> list[tuple[DecodeConfig, int | None]]:
     rows = w.qo_len * w.num_heads
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    grid = ((bm, 32, 4, 3), (bm, 64, 4, 2), (bm, 64, 8, 2), (64, 32, 4, 2), (64, 32, 4, 3),
-            (64, 32, 8, 3), (64, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 3), (32, 64, 4, 2))
+    grid = ((bm, 32, 4, 3), (bm, 32, 4, 4), (bm, 32, 8, 3), (bm, 16, 4, 4), (bm, 64, 4, 2),
+            (bm, 64, 8, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 32, 8, 3), (64, 64, 4, 2),
+            (64, 64, 8, 2), (32, 32, 4, 3), (32, 64, 4, 2))
+    grid = tuple(dict.fromkeys(grid))
     points = [(DecodeConfig(m, bn, warps, stages), None) for m, bn, warps, stages in grid
               if m >= bm]
     for splits in (2, 4, 8):

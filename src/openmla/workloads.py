@@ -55,6 +55,9 @@ WORKLOADS: dict[str, Workload] = {
         _uniform("W5", "MTP decode, causal", 64, 2, 4096, 16),
         _uniform("W6", "4 heads (TP8 of 32)", 128, 1, 4096, 4),
         Workload("W7", "skewed: 128K among 31 x 1K", 32, 1, (131072,) + (1024,) * 31, 16),
+        # W1 with more heads: the memory-bound issue holds >= 0.9x fa3 here
+        _uniform("W1h32", "W1 with 32 heads", 64, 1, 4096, 32),
+        _uniform("W1h64", "W1 with 64 heads", 64, 1, 4096, 64),
     )
 }
 

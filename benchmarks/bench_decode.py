@@ -28,7 +28,7 @@ import triton.testing
 
 from openmla import BatchMLAPagedAttentionWrapper
 from openmla.config import DecodeConfig
-from openmla.reference import mla_decode_reference
+from openmla.reference import dequantize_ds_mla_reference, mla_decode_reference
 from openmla.testing import assert_attention_close
 from openmla.workloads import WORKLOADS, DeviceBatch, make_device_batch, plan_args
 
@@ -93,14 +93,16 @@ class Ours:
         self.out = torch.empty_like(b.q_nope)
         self.lse = torch.empty(b.q_nope.shape[:2], dtype=torch.float32, device="cuda")
 
+        self.caches = (b.kv_cache, None) if b.kv_cache is not None else (b.ckv_cache, b.kpe_cache)
+
     def fns(self) -> list:
         b = self.b
-        return [lambda w=w: w.run(b.q_nope, b.q_pe, b.ckv_cache, b.kpe_cache, out=self.out, lse=self.lse)
+        return [lambda w=w: w.run(b.q_nope, b.q_pe, *self.caches, out=self.out, lse=self.lse)
                 for w in self.wrappers]
 
     def output(self) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.b
-        return self.wrappers[0].run(b.q_nope, b.q_pe, b.ckv_cache, b.kpe_cache, return_lse=True)
+        return self.wrappers[0].run(b.q_nope, b.q_pe, *self.caches, return_lse=True)
 
 
 class FlashInfer:
@@ -113,7 +115,7 @@ class FlashInfer:
         for r in range(rotations):
             w = flashinfer.mla.BatchMLAPagedAttentionWrapper(
                 torch.empty(WORKSPACE_BYTES, dtype=torch.int8, device="cuda"), backend=backend)
-            w.plan(*plan_args(b, r))
+            w.plan(*plan_args(b, r, bf16_cache=True))  # fp8 workloads: its fastest option, bf16
             self.wrappers.append(w)
         self.out = torch.empty_like(b.q_nope)
 
@@ -128,9 +130,17 @@ class FlashInfer:
         return out, lse2 * 0.6931471805599453  # its LSE is base 2
 
 
-def reference(b: DeviceBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(b: DeviceBatch, dtype: torch.dtype, dequantised: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle on the batch's bf16 cache, or on its fp8 cache dequantised (plain torch)."""
     w = b.workload
-    return mla_decode_reference(b.q_nope, b.q_pe, b.ckv_cache, b.kpe_cache, b.qo_indptr, b.kv_indptr,
+    ckv, kpe = b.ckv_cache, b.kpe_cache
+    if dequantised:
+        pages = sorted(set(b.kv_indices[0].tolist()))  # dequantise only what rotation 0 reads
+        ckv, kpe = torch.zeros_like(ckv), torch.zeros_like(kpe)
+        sel = torch.tensor(pages, device=ckv.device)
+        c, k = dequantize_ds_mla_reference(b.kv_cache[sel])
+        ckv[sel], kpe[sel] = c.to(ckv.dtype), k.to(kpe.dtype)
+    return mla_decode_reference(b.q_nope, b.q_pe, ckv, kpe, b.qo_indptr, b.kv_indptr,
                                 b.kv_indices[0], b.kv_len, w.page_size, b.sm_scale, w.causal, dtype)
 
 
@@ -165,13 +175,20 @@ def kernel_times(fns: list, iters: int = 30) -> dict[str, float]:
 def run_workload(name: str, args, ceilings) -> list[dict]:
     w = WORKLOADS[name]
     b = make_device_batch(w, "cuda", rotations=args.rotations)
-    ref = reference(b, torch.float64)
-    lowp = reference(b, torch.float32)
-    lowp = (lowp[0].to(b.q_nope.dtype), lowp[1])
+    fp8 = b.kv_cache is not None
+    refs = {}
+
+    def refs_for(dequantised: bool):
+        if dequantised not in refs:
+            ref = reference(b, torch.float64, dequantised)
+            lowp = reference(b, torch.float32, dequantised)
+            refs[dequantised] = ref, (lowp[0].to(b.q_nope.dtype), lowp[1])
+        return refs[dequantised]
+
     rows = []
 
     def record(impl, label: str, extra: dict | None = None) -> None:
-        status = check(impl, ref, lowp)
+        status = check(impl, *refs_for(fp8 and label.startswith("openmla")))
         us = time_rotating(impl.fns())
         gbps = w.bytes() / us / 1e3
         tflops = w.flops() / us / 1e6
@@ -207,8 +224,8 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
             except Exception as exc:  # noqa: BLE001
                 print(f"  flashinfer {backend} unavailable: {type(exc).__name__}: {str(exc)[:200]}")
                 continue
-            record(impl, impl.name)
-    del b, ours
+            record(impl, impl.name, {"kernels": kernel_times(impl.fns())})
+    del ours
     torch.cuda.empty_cache()
     return rows
 

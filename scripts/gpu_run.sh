@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything GPU-side in one call: GPU tests, then the benchmark suite (openmla beside FlashInfer).
+# Everything GPU-side in one call: GPU tests, then the benchmarks (KV write path; decode beside
+# FlashInfer).
 # Usage on the GPU machine, from the repo root:  bash scripts/gpu_run.sh [--sweep]
 # Writes logs and JSON under $OUT (default ./gpu_out); prints the benchmark table last.
 # FlashInfer travels as wheels in .whl/ (see DESIGN.md, "Benchmarks"); without them the peer
@@ -24,6 +25,7 @@ if [[ " $* " != *" --bench-only "* ]]; then
 fi
 bench_args=()
 [[ " $* " == *" --sweep "* ]] && bench_args+=(--sweep)
+python3 benchmarks/bench_write.py --out "$OUT" 2>&1 | tee "$OUT/bench_write.log" || status=1
 python3 benchmarks/bench_decode.py --out "$OUT" --results "$OUT/decode_results.csv" "${bench_args[@]}" \
   2>&1 | tee "$OUT/bench.log" || status=1
 exit $status

@@ -36,3 +36,9 @@ def device() -> torch.device:
 def workspace(device: torch.device) -> torch.Tensor:
     """A 64 MiB float workspace: room for 128 heads x 4 query tokens x 7 splits x 4 requests."""
     return torch.empty(64 << 20, dtype=torch.uint8, device=device)
+
+
+@pytest.fixture
+def gpu_workspace() -> torch.Tensor:
+    """256 MiB on the GPU, for realistic shapes (GPU tests only)."""
+    return torch.empty(256 << 20, dtype=torch.uint8, device="cuda")

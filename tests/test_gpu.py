@@ -18,11 +18,6 @@ CUDA = torch.device("cuda")
 D_CKV, D_KPE = 512, 64
 
 
-@pytest.fixture
-def gpu_workspace() -> torch.Tensor:
-    return torch.empty(256 << 20, dtype=torch.uint8, device=CUDA)
-
-
 def _lengths(batch: int, max_kv: int, seed: int, with_empty: bool) -> list[int]:
     """The first request is max_kv long, the others uniform in [1, max_kv]; one empty request
     in batches of 8 or more when ``with_empty``."""

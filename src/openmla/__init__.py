@@ -3,6 +3,8 @@
 Public surface:
     BatchMLAPagedAttentionWrapper  FlashInfer-style plan/run paged MLA decode.
     merge_states                   LSE-merge of fp32 partial attention states.
+    quantize_ds_mla, append_paged_kv_ds_mla, dequantize_ds_mla, append_paged_kv, DS_MLA_BYTES,
+    FP8_MAX                        KV-cache write path: 656-byte FP8 rows, bf16 appends (openmla.fp8).
     reference                      the torch oracle (``openmla.reference.mla_decode_reference``).
 
 Attributes load lazily, so importing ``openmla`` does not compile or import Triton kernels; set
@@ -20,6 +22,12 @@ _LAZY = {
     "BatchMLAPagedAttentionWrapper": "openmla.wrapper",
     "merge_states": "openmla.merge",
     "DecodeConfig": "openmla.config",
+    "quantize_ds_mla": "openmla.fp8",
+    "dequantize_ds_mla": "openmla.fp8",
+    "append_paged_kv_ds_mla": "openmla.fp8",
+    "append_paged_kv": "openmla.fp8",
+    "DS_MLA_BYTES": "openmla.fp8",
+    "FP8_MAX": "openmla.fp8",
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -14,8 +14,30 @@ from typing import NamedTuple
 import torch
 
 from openmla.config import DecodeConfig
-from openmla.kernels.decode import launch_decode
+from openmla.kernels.decode import KV_FP8_DS_MLA, KV_FP8_TENSOR, launch_decode
 from openmla.kernels.merge import launch_merge
+
+DS_MLA_BYTES = 656  # latent fp8 [0, 512), 4 float32 scales [512, 528), bf16 rope [528, 656)
+
+
+def kv_views(
+    kv_format: int, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor | None,
+    kv_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The typed views the decode kernel reads: ``(ckv, kpe, scales)``.
+
+    656-byte format: ``ckv_cache`` is ``uint8 [P, page, 656]``; the latent is its float8 view,
+    the group scales its float32 view at byte 512 and the rope its bf16 view at byte 528 (each a
+    strided view of the same bytes, nothing is copied). Per-tensor fp8: the caches as given and
+    the ``[1]`` float32 scale. Plain: a dummy ``scales`` the kernel never reads."""
+    if kv_format == KV_FP8_DS_MLA:
+        ckv = ckv_cache.view(torch.float8_e4m3fn)[..., :512]
+        scales = ckv_cache.view(torch.float32)[..., 128:132]
+        kpe = ckv_cache.view(torch.bfloat16)[..., 264:328]
+        return ckv, kpe, scales
+    if kv_format == KV_FP8_TENSOR:
+        return ckv_cache, kpe_cache, kv_scale.view(1, 1, 1)
+    return ckv_cache, kpe_cache, None
 
 
 class PlanArrays(NamedTuple):
@@ -64,6 +86,8 @@ def run_planned_decode(
     q_pe: torch.Tensor,
     ckv_cache: torch.Tensor,
     kpe_cache: torch.Tensor,
+    scales: torch.Tensor | None,
+    kv_format: int,
     kv_indices: torch.Tensor,
     arrays: PlanArrays,
     part_o: torch.Tensor,
@@ -84,6 +108,8 @@ def run_planned_decode(
         q_pe=q_pe,
         ckv_cache=ckv_cache,
         kpe_cache=kpe_cache,
+        scales=part_lse.view(1, 1, -1) if scales is None else scales,  # never read when plain
+        kv_format=kv_format,
         out=out,
         lse=lse,
         part_o=part_o,
@@ -122,7 +148,9 @@ def paged_decode(
     q_nope: torch.Tensor,
     q_pe: torch.Tensor,
     ckv_cache: torch.Tensor,
-    kpe_cache: torch.Tensor,
+    kpe_cache: torch.Tensor | None,
+    kv_scale: torch.Tensor | None,
+    kv_format: int,
     kv_indices: torch.Tensor,
     meta: torch.Tensor,
     workspace: torch.Tensor,
@@ -138,11 +166,14 @@ def paged_decode(
     ``launch = [block_m, block_n, num_warps, num_stages]``."""
     batch, work_cap, tok_cap, rows, row_blocks, merge_kernel = sizes
     part_o, part_lse = slice_workspace(workspace, rows, q_nope.shape[-1])
+    ckv, kpe, scales = kv_views(kv_format, ckv_cache, kpe_cache, kv_scale)
     run_planned_decode(
         q_nope,
         q_pe,
-        ckv_cache,
-        kpe_cache,
+        ckv,
+        kpe,
+        scales,
+        kv_format,
         kv_indices,
         slice_meta(meta, batch, work_cap, tok_cap),
         part_o,
@@ -159,6 +190,6 @@ def paged_decode(
 
 
 @paged_decode.register_fake
-def _(q_nope, q_pe, ckv_cache, kpe_cache, kv_indices, meta, workspace, counters, out, lse, sizes,
+def _(q_nope, q_pe, ckv_cache, kpe_cache, kv_scale, kv_format, kv_indices, meta, workspace, counters, out, lse, sizes,
       sm_scale, causal, launch) -> None:
     return None

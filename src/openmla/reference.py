@@ -97,3 +97,49 @@ def mla_decode_reference(
         out[q_begin:q_end] = torch.where(seen[..., None], o, 0)
         lse[q_begin:q_end] = row_lse
     return out, lse
+
+
+# --- FP8 "DeepSeek V3.2 3-buffer" rows (656 bytes a token; see openmla.fp8) -------------------
+
+DS_MLA_BYTES = 656
+_FP8_MAX = 448.0
+_FLT_MIN = 2.0**-126
+
+
+def dequantize_ds_mla_reference(kv_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 rows ``uint8 [..., 656]`` to ``(ckv [..., 512], kpe [..., 64])`` in float32, by
+    reinterpreting the bytes: codes ``[0, 512)`` as float8 e4m3fn, four float32 scales at
+    ``[512, 528)`` (scale j for channels ``[128 j, 128 j + 128)``), bf16 rope at ``[528, 656)``."""
+    lead = kv_u8.shape[:-1]
+    rows = kv_u8.reshape(-1, DS_MLA_BYTES)
+    codes = rows[:, :512].contiguous().view(torch.float8_e4m3fn).float()  # [M, 512]
+    scales = rows[:, 512:528].contiguous().view(torch.float32)  # [M, 4]
+    kpe = rows[:, 528:].contiguous().view(torch.bfloat16).float()  # [M, 64]
+    ckv = (codes.view(-1, 4, 128) * scales[:, :, None]).view(-1, 512)
+    return ckv.view(*lead, 512), kpe.view(*lead, 64)
+
+
+def quantize_ds_mla_reference(
+    ckv: torch.Tensor, kpe: torch.Tensor, pow2_scale: bool = False
+) -> torch.Tensor:
+    """Tokens ``ckv [N, 512]`` / ``kpe [N, 64]`` to FP8 rows ``uint8 [N, 656]``, by definition:
+    per 128-channel group ``scale = max(amax / 448, 2**-126)`` in float32 (rounded up to a power of
+    two with ``pow2_scale``), codes ``= fp8_e4m3fn(clamp(ckv / scale, -448, 448))`` (torch's
+    round-to-nearest-even conversion), rope rounded to bf16."""
+    n = ckv.shape[0]
+    x = ckv.float().view(n, 4, 128)
+    # Quotients of float32 values are formed in float64 and rounded once to float32: that equals
+    # the correctly rounded float32 quotient (53 >= 2 * 24 + 2 bits, so the double rounding is
+    # innocuous) on every device. A float32 division in torch is not: on CUDA, dividing by a
+    # Python scalar multiplies by its rounded reciprocal.
+    amax = x.abs().amax(dim=-1)  # [N, 4]
+    scale = torch.clamp((amax.double() / _FP8_MAX).float(), min=_FLT_MIN)
+    if pow2_scale:
+        mant, expo = torch.frexp(scale)  # scale = mant * 2**expo, mant in [0.5, 1)
+        scale = torch.where(mant == 0.5, scale, torch.ldexp(torch.ones_like(scale), expo))
+    y = (x.double() / scale.double()[:, :, None]).float()
+    y = torch.clamp(y, -_FP8_MAX, _FP8_MAX)
+    codes = y.to(torch.float8_e4m3fn).view(torch.uint8).view(n, 512)
+    scale_bytes = scale.contiguous().view(torch.uint8).view(n, 16)
+    kpe_bytes = kpe.to(torch.bfloat16).contiguous().view(torch.uint8).view(n, 128)
+    return torch.cat([codes, scale_bytes, kpe_bytes], dim=1)

@@ -13,11 +13,15 @@ positions of ``-inf`` LSEs match. A torch implementation that does the softmax i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from openmla.reference import mla_decode_reference
+from openmla.reference import (
+    dequantize_ds_mla_reference,
+    mla_decode_reference,
+    quantize_ds_mla_reference,
+)
 
 D_CKV, D_KPE = 512, 64
 SENTINEL_PAGE = 2**31 - 1  # in kv_indices entries after kv_indptr[-1]: never read
@@ -138,6 +142,29 @@ def make_paged_case(
         sm_scale=1.0 / (width**0.5),
         causal=causal,
     )
+
+
+def to_fp8_ds_mla(case: PagedCase) -> tuple[torch.Tensor, PagedCase]:
+    """The case's cache as DeepSeek V3.2 656-byte rows (``uint8 [P, page, 656]``, quantised by
+    the torch reference; NaN slots stay NaN), and the case over the dequantised cache in the
+    query dtype, which is the oracle's input (the kernel computes on exactly that cache)."""
+    num_pages, page_size, _ = case.ckv_cache.shape
+    rows = quantize_ds_mla_reference(case.ckv_cache.reshape(-1, D_CKV).cpu(),
+                                     case.kpe_cache.reshape(-1, D_KPE).cpu())
+    kv = rows.view(num_pages, page_size, -1).to(case.ckv_cache.device)
+    ckv, kpe = dequantize_ds_mla_reference(kv)
+    dtype = case.q_nope.dtype
+    return kv, replace(case, ckv_cache=ckv.to(dtype), kpe_cache=kpe.to(dtype))
+
+
+def to_fp8_per_tensor(case: PagedCase, scale: float) -> tuple[torch.Tensor, torch.Tensor, PagedCase]:
+    """The case's caches as float8 e4m3 codes with one scale (value = code * scale), and the case
+    over the exactly dequantised cache (float32), the oracle's input."""
+    def quant(t: torch.Tensor) -> torch.Tensor:
+        return (t.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+    ckv8, kpe8 = quant(case.ckv_cache), quant(case.kpe_cache)
+    return ckv8, kpe8, replace(case, ckv_cache=ckv8.float() * scale, kpe_cache=kpe8.float() * scale)
 
 
 def nan_like(t: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ class Workload:
     kv_lens: tuple[int, ...]
     num_heads: int
     page_size: int = 64
+    kv_format: str = "bf16"  # "bf16" or "ds_mla" (DeepSeek V3.2 656-byte fp8 rows)
 
     @property
     def causal(self) -> bool:
@@ -33,16 +34,21 @@ class Workload:
     def total_kv(self) -> int:
         return sum(self.kv_lens)
 
-    def bytes(self, kv_bytes_per_token: int = 1152, q_bytes: int = 2, out_bytes: int = 2) -> int:
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return {"bf16": 1152, "ds_mla": 656}[self.kv_format]
+
+    def bytes(self, q_bytes: int = 2, out_bytes: int = 2) -> int:
         io = self.batch * self.qo_len * self.num_heads * (576 * q_bytes + 512 * out_bytes)
-        return self.total_kv * kv_bytes_per_token + io
+        return self.total_kv * self.kv_bytes_per_token + io
 
     def flops(self) -> int:
         return 2 * self.qo_len * self.total_kv * self.num_heads * (D_CKV + D_KPE + D_CKV)
 
 
-def _uniform(name: str, what: str, batch: int, qo_len: int, kv: int, heads: int) -> Workload:
-    return Workload(name, what, batch, qo_len, (kv,) * batch, heads)
+def _uniform(name: str, what: str, batch: int, qo_len: int, kv: int, heads: int,
+             kv_format: str = "bf16") -> Workload:
+    return Workload(name, what, batch, qo_len, (kv,) * batch, heads, kv_format=kv_format)
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -58,6 +64,11 @@ WORKLOADS: dict[str, Workload] = {
         # W1 with more heads: the memory-bound issue holds >= 0.9x fa3 here
         _uniform("W1h32", "W1 with 32 heads", 64, 1, 4096, 32),
         _uniform("W1h64", "W1 with 64 heads", 64, 1, 4096, 64),
+        _uniform("W8", "DeepSeek V3.2 fp8 3-buffer cache", 64, 1, 8192, 16, "ds_mla"),
+        _uniform("W9", "V3.2 fp8 3-buffer, 128 heads, MTP", 64, 2, 8192, 128, "ds_mla"),
+        # W8 / W9 shapes over a bf16 cache: the fp8 speed-up, and the peer's fastest option
+        _uniform("W8-bf16", "W8 shape, bf16 cache", 64, 1, 8192, 16),
+        _uniform("W9-bf16", "W9 shape, bf16 cache", 64, 2, 8192, 128),
     )
 }
 
@@ -77,6 +88,7 @@ class DeviceBatch:
     kv_len: torch.Tensor
     kv_indices: list[torch.Tensor]  # one shuffled page table per rotation
     sm_scale: float
+    kv_cache: torch.Tensor | None = None  # ds_mla: uint8 [P, page, 656], quantised from the bf16 cache
 
 
 def make_device_batch(
@@ -99,8 +111,15 @@ def make_device_batch(
     def i32(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32, device=dev)
 
+    kv_cache = None
+    if w.kv_format == "ds_mla":
+        from openmla.fp8 import quantize_ds_mla
+
+        kv_cache = quantize_ds_mla(cache[..., :D_CKV].reshape(-1, D_CKV),
+                                   cache[..., D_CKV:].reshape(-1, D_KPE)).view(num_pages, w.page_size, -1)
     return DeviceBatch(
         workload=w,
+        kv_cache=kv_cache,
         q_nope=q[..., :D_CKV].contiguous(),
         q_pe=q[..., D_CKV:].contiguous(),
         ckv_cache=cache[..., :D_CKV].contiguous(),
@@ -113,8 +132,10 @@ def make_device_batch(
     )
 
 
-def plan_args(b: DeviceBatch, rotation: int = 0) -> tuple:
-    """Positional ``plan()`` arguments, the same for openmla and FlashInfer."""
+def plan_args(b: DeviceBatch, rotation: int = 0, *, bf16_cache: bool = False) -> tuple:
+    """Positional ``plan()`` arguments, the same for openmla and FlashInfer (``bf16_cache``: plan
+    the 16-bit cache of an fp8 workload)."""
     w = b.workload
+    kv_dtype = torch.uint8 if b.kv_cache is not None and not bf16_cache else b.ckv_cache.dtype
     return (b.qo_indptr, b.kv_indptr, b.kv_indices[rotation], b.kv_len, w.num_heads, D_CKV, D_KPE,
-            w.page_size, w.causal, b.sm_scale, b.q_nope.dtype, b.ckv_cache.dtype)
+            w.page_size, w.causal, b.sm_scale, b.q_nope.dtype, kv_dtype)

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from openmla import config as _config
+from openmla.kernels.decode import KV_FP8_DS_MLA, KV_FP8_TENSOR, KV_PLAIN
 from openmla.ops import (
+    DS_MLA_BYTES,
     PlanArrays,
+    kv_views,
     meta_numel,
     paged_decode,
     partial_rows_capacity,
@@ -52,6 +55,7 @@ class _Plan:
     sm_scale: float
     q_dtype: torch.dtype
     kv_dtype: torch.dtype
+    kv_format: int  # KV_PLAIN, KV_FP8_TENSOR or KV_FP8_DS_MLA (kernels/decode.py)
     max_page: int  # largest page id the plan reads (-1: none); run() checks the cache holds it
     kv_indices: torch.Tensor
     arrays: PlanArrays
@@ -107,6 +111,8 @@ class BatchMLAPagedAttentionWrapper:
         self._counters: torch.Tensor | None = None
         self._graph_shape: tuple[int, int, int, int, _config.DecodeConfig] | None = None
         self._plan: _Plan | None = None
+        self._kv_scale_buf = torch.ones(1, dtype=torch.float32, device=self._device)
+        self._kv_scale_value = 1.0
 
     @property
     def device(self) -> torch.device:
@@ -148,7 +154,12 @@ class BatchMLAPagedAttentionWrapper:
             page_size: tokens per page, >= 1 (any value, not only powers of two).
             causal: bottom-right aligned causal mask for ``qo_len > 1``.
             sm_scale: softmax scale applied to ``q . k``.
-            q_data_type / kv_data_type: torch.bfloat16 or torch.float16 (the same).
+            q_data_type: torch.bfloat16 or torch.float16.
+            kv_data_type: the cache format: ``q_data_type`` (16-bit cache);
+                ``torch.float8_e4m3fn``: fp8 ``ckv``/``kpe`` caches with one scale, given to
+                ``run(..., kv_scale=)``; ``torch.uint8``: DeepSeek V3.2's 656-byte rows (fp8
+                latent, four float32 group scales, bf16 rope; bf16 queries), given to ``run`` as
+                ``ckv_cache`` with ``kpe_cache=None``. See ``openmla.fp8``.
             num_kv_heads: latent heads (1 for MLA); num_heads must be a multiple of it.
             num_splits: pin every request to this many KV pieces (A/B runs and tests); default:
                 the ``OPENMLA_NUM_SPLITS`` environment variable, else the balanced schedule.
@@ -176,8 +187,7 @@ class BatchMLAPagedAttentionWrapper:
             raise ValueError(f"sm_scale must be finite, got {sm_scale}")
         if q_data_type not in ATTN_DTYPES:
             raise TypeError(f"q_data_type must be torch.bfloat16 or torch.float16, got {q_data_type}")
-        if kv_data_type != q_data_type:
-            raise TypeError(f"kv_data_type must equal q_data_type ({q_data_type}), got {kv_data_type}")
+        kv_format = _kv_format(q_data_type, kv_data_type)
         if num_splits is None:
             num_splits = _config.env_num_splits()
         else:
@@ -264,7 +274,7 @@ class BatchMLAPagedAttentionWrapper:
         self._plan = _Plan(
             batch=batch, num_tokens=num_tokens, num_heads=num_heads, page_size=page_size,
             causal=bool(causal), sm_scale=float(sm_scale), q_dtype=q_data_type,
-            kv_dtype=kv_data_type, max_page=max_page, kv_indices=kv_indices_dev,
+            kv_dtype=kv_data_type, kv_format=kv_format, max_page=max_page, kv_indices=kv_indices_dev,
             arrays=slice_meta(self._meta, batch, cap, tok_cap),
             sizes=[batch, cap, tok_cap, self._part_rows_capacity, row_blocks,
                    int(self._use_cuda_graph or sched.merge_kernel_tokens > 0)], config=cfg,
@@ -297,10 +307,12 @@ class BatchMLAPagedAttentionWrapper:
         q_nope: torch.Tensor,
         q_pe: torch.Tensor,
         ckv_cache: torch.Tensor,
-        kpe_cache: torch.Tensor,
+        kpe_cache: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
         lse: torch.Tensor | None = None,
         return_lse: bool = False,
+        *,
+        kv_scale: float | torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run the planned decode.
 
@@ -309,8 +321,14 @@ class BatchMLAPagedAttentionWrapper:
             ckv_cache: ``[num_pages, page_size, 512]``, kpe_cache: ``[num_pages, page_size, 64]``
                 in the planned kv dtype; separate tensors or strided views of one
                 ``[num_pages, page_size, 576]`` buffer (unit stride in the last dimension).
+                With ``kv_data_type=torch.uint8``: ``ckv_cache`` is the ``uint8 [num_pages,
+                page_size, 656]`` cache and ``kpe_cache`` is None.
             out: optional ``[T, H, 512]`` output in q's dtype. lse: optional ``[T, H]`` float32.
             return_lse: also return the LSE.
+            kv_scale: ``kv_data_type=torch.float8_e4m3fn`` only: the cache's dequantisation
+                scale (cache value = fp8 code * kv_scale), a float or a float32 tensor of one
+                element on the device (a tensor keeps CUDA graphs and torch.compile free of
+                host values).
 
         Returns:
             ``out`` (and ``lse`` if ``return_lse``): ``lse`` is the natural-log log-sum-exp of the
@@ -324,18 +342,14 @@ class BatchMLAPagedAttentionWrapper:
         check_tensor("q_pe", q_pe, dtypes=(p.q_dtype,), ndim=3, device=dev)
         check_shape("q_nope", q_nope, (p.num_tokens, p.num_heads, D_CKV))
         check_shape("q_pe", q_pe, (p.num_tokens, p.num_heads, D_KPE))
-        check_tensor("ckv_cache", ckv_cache, dtypes=(p.kv_dtype,), ndim=3, device=dev)
-        check_tensor("kpe_cache", kpe_cache, dtypes=(p.kv_dtype,), ndim=3, device=dev)
-        num_pages = ckv_cache.shape[0]
-        check_shape("ckv_cache", ckv_cache, (num_pages, p.page_size, D_CKV))
-        check_shape("kpe_cache", kpe_cache, (num_pages, p.page_size, D_KPE))
+        num_pages = self._check_caches(p, ckv_cache, kpe_cache)
+        scale_t = self._kv_scale_tensor(p, kv_scale)
         # Checked in eager mode only: under torch.compile a guard on the plan's max_page would
         # recompile whenever a request enters a new page (the plan validated the indices).
         if not torch.compiler.is_compiling() and p.max_page >= num_pages:
             raise ValueError(
                 f"kv_indices reads page {p.max_page}, the caches hold {num_pages} pages")
-        for name, t in (("q_nope", q_nope), ("q_pe", q_pe), ("ckv_cache", ckv_cache),
-                        ("kpe_cache", kpe_cache)):
+        for name, t in (("q_nope", q_nope), ("q_pe", q_pe)):
             check_unit_last_stride(name, t)
         if out is None:
             out = torch.empty_like(q_nope, memory_format=torch.contiguous_format)
@@ -351,15 +365,69 @@ class BatchMLAPagedAttentionWrapper:
             check_unit_last_stride("lse", lse)
 
         if torch.compiler.is_compiling():
-            paged_decode(q_nope, q_pe, ckv_cache, kpe_cache, p.kv_indices, self._meta,
-                         self._workspace, self._counters, out, lse, p.sizes, p.sm_scale, p.causal,
-                         [p.config.block_m, p.config.block_n, p.config.num_warps,
-                          p.config.num_stages])
+            paged_decode(q_nope, q_pe, ckv_cache, kpe_cache, scale_t, p.kv_format, p.kv_indices,
+                         self._meta, self._workspace, self._counters, out, lse, p.sizes, p.sm_scale,
+                         p.causal, [p.config.block_m, p.config.block_n, p.config.num_warps,
+                                    p.config.num_stages])
         else:
-            run_planned_decode(q_nope, q_pe, ckv_cache, kpe_cache, p.kv_indices, p.arrays,
+            ckv, kpe, scales = kv_views(p.kv_format, ckv_cache, kpe_cache, scale_t)
+            run_planned_decode(q_nope, q_pe, ckv, kpe, scales, p.kv_format, p.kv_indices, p.arrays,
                                self._part_o, self._part_lse, out, lse, self._counters, p.sm_scale,
                                p.causal, p.sizes[4], p.config, bool(p.sizes[5]))
         return (out, lse) if return_lse else out
+
+    def _check_caches(self, p: _Plan, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor | None) -> int:
+        """Check the caches against the plan's format; returns the number of pages."""
+        dev = self._device
+        if p.kv_format == KV_FP8_DS_MLA:
+            check_tensor("ckv_cache", ckv_cache, dtypes=(torch.uint8,), ndim=3, device=dev)
+            num_pages = ckv_cache.shape[0]
+            check_shape("ckv_cache", ckv_cache, (num_pages, p.page_size, DS_MLA_BYTES))
+            check_unit_last_stride("ckv_cache", ckv_cache)
+            if ckv_cache.stride(0) % 16 or ckv_cache.stride(1) % 16:
+                raise ValueError(
+                    "ckv_cache (656-byte rows) needs page and token strides that are multiples of "
+                    f"16 bytes, got {ckv_cache.stride()}")
+            if kpe_cache is not None:
+                raise ValueError("kpe_cache must be None with kv_data_type=torch.uint8 (the rope "
+                                 "is inside the 656-byte rows of ckv_cache)")
+            return num_pages
+        if kpe_cache is None:
+            raise TypeError("kpe_cache must be a torch.Tensor, got NoneType")
+        check_tensor("ckv_cache", ckv_cache, dtypes=(p.kv_dtype,), ndim=3, device=dev)
+        check_tensor("kpe_cache", kpe_cache, dtypes=(p.kv_dtype,), ndim=3, device=dev)
+        num_pages = ckv_cache.shape[0]
+        check_shape("ckv_cache", ckv_cache, (num_pages, p.page_size, D_CKV))
+        check_shape("kpe_cache", kpe_cache, (num_pages, p.page_size, D_KPE))
+        check_unit_last_stride("ckv_cache", ckv_cache)
+        check_unit_last_stride("kpe_cache", kpe_cache)
+        return num_pages
+
+    def _kv_scale_tensor(self, p: _Plan, kv_scale: float | torch.Tensor | None) -> torch.Tensor | None:
+        """``kv_scale`` as a float32 device tensor of one element (per-tensor fp8 only)."""
+        if p.kv_format != KV_FP8_TENSOR:
+            if kv_scale is not None:
+                raise ValueError(f"kv_scale is only for kv_data_type=torch.float8_e4m3fn, the plan has "
+                                 f"{p.kv_dtype}")
+            return None
+        if kv_scale is None:
+            raise ValueError("kv_scale is required with kv_data_type=torch.float8_e4m3fn")
+        if isinstance(kv_scale, torch.Tensor):
+            check_tensor("kv_scale", kv_scale, dtypes=(torch.float32,), device=self._device)
+            if kv_scale.numel() != 1:
+                raise ValueError(f"kv_scale must hold one element, got shape {tuple(kv_scale.shape)}")
+            return kv_scale
+        if isinstance(kv_scale, bool) or not isinstance(kv_scale, (int, float)):
+            raise TypeError(f"kv_scale must be a float or a float32 tensor, got {type(kv_scale).__name__}")
+        if not math.isfinite(kv_scale):
+            raise ValueError(f"kv_scale must be finite, got {kv_scale}")
+        if torch.compiler.is_compiling():
+            return torch.full((1,), float(kv_scale), dtype=torch.float32, device=self._device)
+        # a float is copied to a device buffer only when it changes (no per-call transfer)
+        if self._kv_scale_value != float(kv_scale):
+            self._kv_scale_buf.fill_(float(kv_scale))
+            self._kv_scale_value = float(kv_scale)
+        return self._kv_scale_buf
 
     @property
     def plan_info(self) -> dict[str, int]:
@@ -370,3 +438,17 @@ class BatchMLAPagedAttentionWrapper:
         return {"pieces": p.num_pieces, "split_requests": p.num_split_requests,
                 "work_capacity": p.sizes[1], "row_blocks": p.sizes[4],
                 "block_m": p.config.block_m, "block_n": p.config.block_n}
+
+
+def _kv_format(q_data_type: torch.dtype, kv_data_type: torch.dtype) -> int:
+    if kv_data_type == torch.uint8:
+        if q_data_type != torch.bfloat16:
+            raise TypeError(f"kv_data_type=torch.uint8 (656-byte fp8 rows) needs q_data_type "
+                            f"torch.bfloat16, got {q_data_type}")
+        return KV_FP8_DS_MLA
+    if kv_data_type == torch.float8_e4m3fn:
+        return KV_FP8_TENSOR
+    if kv_data_type != q_data_type:
+        raise TypeError(f"kv_data_type must be q_data_type ({q_data_type}), torch.float8_e4m3fn or "
+                        f"torch.uint8, got {kv_data_type}")
+    return KV_PLAIN

@@ -39,16 +39,52 @@ LN2 = tl.constexpr(0.6931471805599453)
 PAGE_WINDOW = 64  # page ids held in registers per window (one index load per 4096 tokens at page 64)
 
 
+# KV cache formats (the KV_FORMAT constexpr; see openmla/fp8.py for the byte layouts)
+KV_PLAIN = 0  # ckv / kpe in the query dtype
+KV_FP8_TENSOR = 1  # ckv / kpe float8 e4m3, one float32 scale for the cache (``scales[0]``)
+KV_FP8_DS_MLA = 2  # DeepSeek V3.2 656-byte rows: fp8 latent, 4 float32 group scales, bf16 rope
+
+
 @triton.jit
-def _attend_block(b_qn, b_qp, p_ckv, p_kpe, o_n, kv_end, b_last, b_m, b_l, b_acc, scale_log2,
-                  DOT_FP32: tl.constexpr):
+def _load_kv_raw(p_ckv, p_kpe, p_sc, m_n, KV_FORMAT: tl.constexpr):
+    """The stored bytes of one block: latent ``[BLOCK_N, 512]``, rope ``[BLOCK_N, 64]`` and, for
+    the 656-byte format, the group scales ``[BLOCK_N, 4]`` (else a dummy)."""
+    b_ckv = tl.load(p_ckv, mask=m_n[:, None], other=0.0)
+    b_kpe = tl.load(p_kpe, mask=m_n[:, None], other=0.0)
+    if KV_FORMAT == 2:
+        b_sc = tl.load(p_sc, mask=m_n[:, None], other=0.0)
+    else:
+        b_sc = tl.zeros([1, 1], dtype=tl.float32)
+    return b_ckv, b_kpe, b_sc
+
+
+@triton.jit
+def _dequant_kv(b_ckv, b_kpe, b_sc, q_dtype: tl.constexpr, KV_FORMAT: tl.constexpr,
+                BLOCK_N: tl.constexpr, D_CKV: tl.constexpr, DOT_FP32: tl.constexpr):
+    """A block's latent and rope tiles in the query dtype (float32 holding the same values in the
+    interpreter, ``DOT_FP32``).
+
+    fp8 codes widen exactly. The per-tensor scale is folded into the scores and the output
+    instead (no rounding here); the 656-byte format's group scales are applied here in float32
+    and the product rounded to bf16, so the kernel computes on exactly the cache that
+    ``dequantize_ds_mla`` returns."""
+    if KV_FORMAT == 2:
+        b_ckv = tl.reshape(b_ckv.to(tl.float32), (BLOCK_N, D_CKV // 128, 128)) * b_sc[:, :, None]
+        b_ckv = tl.reshape(b_ckv, (BLOCK_N, D_CKV))
+        if DOT_FP32:
+            # the interpreter's float32 -> bf16 cast truncates; round to nearest even by hand
+            bits = b_ckv.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            b_ckv = bits.to(tl.float32, bitcast=True)
+    if DOT_FP32:
+        return b_ckv.to(tl.float32), b_kpe.to(tl.float32)
+    return b_ckv.to(q_dtype), b_kpe.to(q_dtype)
+
+
+@triton.jit
+def _attend_block(b_qn, b_qp, b_ckv, b_kpe, o_n, kv_end, b_last, b_m, b_l, b_acc, scale_log2):
     """Online-softmax update with one KV block: tokens ``o_n`` [BLOCK_N], rows [BLOCK_M]."""
     m_n = o_n < kv_end
-    b_ckv = tl.load(p_ckv, mask=m_n[:, None], other=0.0)  # [BLOCK_N, D_CKV]
-    b_kpe = tl.load(p_kpe, mask=m_n[:, None], other=0.0)  # [BLOCK_N, D_KPE]
-    if DOT_FP32:
-        b_ckv = b_ckv.to(tl.float32)
-        b_kpe = b_kpe.to(tl.float32)
     b_s = tl.dot(b_qn, tl.trans(b_ckv))
     b_s = tl.dot(b_qp, tl.trans(b_kpe), b_s) * scale_log2  # [BLOCK_M, BLOCK_N]
     m_visible = m_n[None, :] & (o_n[None, :] <= b_last[:, None])
@@ -69,6 +105,7 @@ def _mla_decode_kernel(
     q_pe,
     ckv,
     kpe,
+    scales,
     out,
     lse,
     part_o,
@@ -93,6 +130,8 @@ def _mla_decode_kernel(
     stride_ckv_t,
     stride_kpe_p,
     stride_kpe_t,
+    stride_sc_p,
+    stride_sc_t,
     stride_o_t,
     stride_o_h,
     stride_lse_t,
@@ -107,6 +146,7 @@ def _mla_decode_kernel(
     ONE_PAGE_PER_BLOCK: tl.constexpr,
     PAGE_WINDOW: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    KV_FORMAT: tl.constexpr,
 ):
     # Row blocks of one piece are neighbours in launch order, so they run together and the second
     # one finds the piece's KV in L2 (with the row blocks as the slow grid axis, W2's two row
@@ -142,6 +182,10 @@ def _mla_decode_kernel(
     if DOT_FP32:
         b_qn = b_qn.to(tl.float32)
         b_qp = b_qp.to(tl.float32)
+    if KV_FORMAT == 1:
+        v_scale = tl.load(scales)  # K = codes * scale: fold into the scores and the output
+        scale_log2 = scale_log2 * v_scale
+    o_g = tl.arange(0, D_CKV // 128)
 
     if IS_CAUSAL:
         b_last = n_kv - qo_len + i_tok  # [BLOCK_M] last key each row may see (bottom-right)
@@ -168,8 +212,13 @@ def _mla_decode_kernel(
                 o_slot = start % PAGE_SIZE + o_blk  # [BLOCK_N]
                 p_ckv = ckv + i_page * stride_ckv_p + o_slot[:, None] * stride_ckv_t + o_c[None, :]
                 p_kpe = kpe + i_page * stride_kpe_p + o_slot[:, None] * stride_kpe_t + o_r[None, :]
-                b_m, b_l, b_acc = _attend_block(b_qn, b_qp, p_ckv, p_kpe, start + o_blk, kv_end, b_last,
-                                                b_m, b_l, b_acc, scale_log2, DOT_FP32)
+                p_sc = scales + i_page * stride_sc_p + o_slot[:, None] * stride_sc_t + o_g[None, :]
+                o_n = start + o_blk
+                b_ckv, b_kpe, b_sc = _load_kv_raw(p_ckv, p_kpe, p_sc, o_n < kv_end, KV_FORMAT)
+                b_ckv, b_kpe = _dequant_kv(b_ckv, b_kpe, b_sc, q_nope.dtype.element_ty, KV_FORMAT, BLOCK_N,
+                                           D_CKV, DOT_FP32)
+                b_m, b_l, b_acc = _attend_block(b_qn, b_qp, b_ckv, b_kpe, o_n, kv_end, b_last,
+                                                b_m, b_l, b_acc, scale_log2)
     else:
         for start in range(kv_begin, kv_end, BLOCK_N):
             o_n = start + o_blk  # [BLOCK_N] request-local token ids
@@ -177,12 +226,18 @@ def _mla_decode_kernel(
             b_slot = (o_n % PAGE_SIZE).to(tl.int64)
             p_ckv = ckv + b_page[:, None] * stride_ckv_p + b_slot[:, None] * stride_ckv_t + o_c[None, :]
             p_kpe = kpe + b_page[:, None] * stride_kpe_p + b_slot[:, None] * stride_kpe_t + o_r[None, :]
-            b_m, b_l, b_acc = _attend_block(b_qn, b_qp, p_ckv, p_kpe, o_n, kv_end, b_last,
-                                            b_m, b_l, b_acc, scale_log2, DOT_FP32)
+            p_sc = scales + b_page[:, None] * stride_sc_p + b_slot[:, None] * stride_sc_t + o_g[None, :]
+            b_ckv, b_kpe, b_sc = _load_kv_raw(p_ckv, p_kpe, p_sc, o_n < kv_end, KV_FORMAT)
+            b_ckv, b_kpe = _dequant_kv(b_ckv, b_kpe, b_sc, q_nope.dtype.element_ty, KV_FORMAT, BLOCK_N,
+                                       D_CKV, DOT_FP32)
+            b_m, b_l, b_acc = _attend_block(b_qn, b_qp, b_ckv, b_kpe, o_n, kv_end, b_last,
+                                            b_m, b_l, b_acc, scale_log2)
 
     m_seen = b_l > 0.0
     b_l_safe = tl.where(m_seen, b_l, 1.0)
     b_o = b_acc / b_l_safe[:, None]
+    if KV_FORMAT == 1:
+        b_o = b_o * v_scale
     b_lse = tl.where(m_seen, (b_m + tl.math.log2(b_l_safe)) * LN2, float("-inf"))
     if part_row < 0:
         _store_rows(out, lse, b_o, b_lse, i_qrow, i_head, o_c, m_m, stride_o_t, stride_o_h, stride_lse_t)
@@ -205,7 +260,7 @@ def _mla_decode_kernel(
                 b_acc = tl.zeros([BLOCK_M, D_CKV], dtype=tl.float32)
                 # One piece per step: two per step (more loads in flight) measured 1 us faster on
                 # W1 but 7 us slower on W5 (H100): the epilogue's registers raise the whole kernel's.
-                for j in range(0, n_parts):
+                for j in range(n_parts):
                     b_m, b_l, b_acc = _merge_piece(part_o, part_lse, base + j * n_rows + o_m, m_m, o_c,
                                                    b_m, b_l, b_acc, D_CKV)
                 m_seen = b_l > 0.0
@@ -233,7 +288,7 @@ def _merge_piece(part_o, part_lse, i_rows, m_rows, o_c, b_m, b_l, b_acc, D_CKV: 
 def _store_rows(out, lse, b_o, b_lse, i_qrow, i_head, o_c, m_m, stride_o_t, stride_o_h, stride_lse_t):
     """Final output rows (query token i_qrow, head i_head) [BLOCK_M, D_CKV] and their LSE."""
     p_o = out + i_qrow[:, None] * stride_o_t + i_head[:, None] * stride_o_h + o_c[None, :]
-    tl.store(p_o, b_o.to(out.dtype.element_ty), mask=m_m[:, None])
+    tl.store(p_o, b_o.to(out.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m_m[:, None])
     tl.store(lse + i_qrow * stride_lse_t + i_head, b_lse, mask=m_m)
 
 
@@ -243,6 +298,8 @@ def launch_decode(
     q_pe: torch.Tensor,
     ckv_cache: torch.Tensor,
     kpe_cache: torch.Tensor,
+    scales: torch.Tensor,
+    kv_format: int,
     out: torch.Tensor,
     lse: torch.Tensor,
     part_o: torch.Tensor,
@@ -265,7 +322,8 @@ def launch_decode(
 ) -> None:
     """Run every work item of a plan. Shapes: ``q_nope [T, H, 512]``, ``q_pe [T, H, 64]``,
     caches ``[P, page_size, 512]`` / ``[P, page_size, 64]`` (any page/token strides, unit last
-    stride), ``out [T, H, 512]``, ``lse [T, H]`` fp32, ``part_o [R, 512]`` / ``part_lse [R]`` fp32."""
+    stride; fp8 views for the fp8 formats, see ``kv_views`` in ops.py), ``scales``: a float32
+    ``[P, page_size, 4]`` view of the group scales (656-byte format) or ``[1, 1]`` (per-tensor), ``out [T, H, 512]``, ``lse [T, H]`` fp32, ``part_o [R, 512]`` / ``part_lse [R]`` fp32."""
     num_heads, d_ckv = q_nope.shape[1], q_nope.shape[2]
     grid = (work_req.numel() * row_blocks,)
     _mla_decode_kernel[grid](
@@ -273,6 +331,7 @@ def launch_decode(
         q_pe,
         ckv_cache,
         kpe_cache,
+        scales,
         out,
         lse,
         part_o,
@@ -297,6 +356,8 @@ def launch_decode(
         ckv_cache.stride(1),
         kpe_cache.stride(0),
         kpe_cache.stride(1),
+        scales.stride(0),
+        scales.stride(1),
         out.stride(0),
         out.stride(1),
         lse.stride(0),
@@ -311,6 +372,7 @@ def launch_decode(
         ONE_PAGE_PER_BLOCK=ckv_cache.shape[1] % config.block_n == 0,
         PAGE_WINDOW=PAGE_WINDOW,
         DOT_FP32=_interp.dot_in_fp32(q_nope.device),
+        KV_FORMAT=kv_format,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

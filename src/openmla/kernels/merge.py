@@ -68,7 +68,7 @@ def _merge_kernel(
     b_l_safe = tl.where(m_seen, b_l, 1.0)
     b_out = b_acc / b_l_safe
     p_out = out + i_t.to(tl.int64) * stride_o_t + i_h * stride_o_h + o_d
-    tl.store(p_out, b_out.to(out.dtype.element_ty))
+    tl.store(p_out, b_out.to(out.dtype.element_ty, fp_downcast_rounding="rtne"))
     if i_db == 0:
         b_lse = tl.where(m_seen, b_m + tl.log(b_l_safe), float("-inf"))
         tl.store(lse + i_t.to(tl.int64) * stride_lse_t + i_h + tl.arange(0, 1), b_lse)

@@ -17,8 +17,6 @@ from openmla.config import DecodeConfig
 from openmla.kernels.decode import KV_FP8_DS_MLA, KV_FP8_TENSOR, launch_decode
 from openmla.kernels.merge import launch_merge
 
-DS_MLA_BYTES = 656  # latent fp8 [0, 512), 4 float32 scales [512, 528), bf16 rope [528, 656)
-
 
 def kv_views(
     kv_format: int, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor | None,

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from openmla import config as _config
+from openmla.fp8 import DS_MLA_BYTES
 from openmla.kernels.decode import KV_FP8_DS_MLA, KV_FP8_TENSOR, KV_PLAIN
 from openmla.ops import (
-    DS_MLA_BYTES,
     PlanArrays,
     kv_views,
     meta_numel,

@@ -61,8 +61,8 @@ def _check_merged(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor, r
     torch.testing.assert_close(lse.double()[~empty], ref_lse[~empty], rtol=1e-6, atol=1e-5)
 
 
-# 1, 2, 3, 7 parts as a split decode makes them; 8, 9 and 20 cross the merge kernel's step of
-# MERGE_BLOCK_S = 8 pieces (the running max and sum must be rescaled between steps).
+# 1, 2, 3, 7 parts as a split decode makes them; 8, 9 and 20 cross the steps of 8 or 16 pieces of
+# the GPU configs (tests/test_reduce.py runs every config with several steps on the CPU too).
 PART_COUNTS = [1, 2, 3, 7, 8, 9, 20]
 
 

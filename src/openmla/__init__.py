@@ -2,7 +2,7 @@
 
 Public surface:
     BatchMLAPagedAttentionWrapper  FlashInfer-style plan/run paged MLA decode.
-    merge_states                   LSE-merge of fp32 partial attention states.
+    merge_states, ReduceMap        LSE-merge (reduce) of fp32 partial attention states.
     quantize_ds_mla, append_paged_kv_ds_mla, dequantize_ds_mla, append_paged_kv, DS_MLA_BYTES,
     FP8_MAX                        KV-cache write path: 656-byte FP8 rows, bf16 appends (openmla.fp8).
     reference                      the torch oracle (``openmla.reference.mla_decode_reference``).
@@ -21,6 +21,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "BatchMLAPagedAttentionWrapper": "openmla.wrapper",
     "merge_states": "openmla.merge",
+    "ReduceMap": "openmla.merge",
+    "ReduceConfig": "openmla.config",
     "DecodeConfig": "openmla.config",
     "quantize_ds_mla": "openmla.fp8",
     "dequantize_ds_mla": "openmla.fp8",

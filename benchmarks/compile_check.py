@@ -2,7 +2,7 @@
 of it: shared memory, cp.async copies, mma.sync vs wgmma instructions, layout conversions.
 
     python benchmarks/compile_check.py [--block-n 32] [--stages 3] [--block-m 16] [--warps 4]
-                                       [--kv-format 0|1|2] [--gather]
+                                       [--kv-format 0|1|2] [--gather] [--plain-cvt]
 
 Writes the TTGIR and PTX to --out (default /tmp). Uses the installed triton's own compiler, so
 the answer is for that version (the GPU machine has triton 3.6; check there for its answer).
@@ -29,12 +29,14 @@ def main() -> None:
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--kv-format", type=int, default=0, help="0 bf16, 1 fp8 per-tensor, 2 656-byte rows")
     p.add_argument("--gather", action="store_true", help="page size not a multiple of BLOCK_N")
+    p.add_argument("--plain-cvt", action="store_true", help="Triton's fp8 casts, not the PTX dequantisation")
     p.add_argument("--out", default="/tmp")
     a = p.parse_args()
     fn = _mla_decode_kernel
     const = {"H": 16, "D_CKV": 512, "D_KPE": 64, "PAGE_SIZE": 64, "BLOCK_M": a.block_m,
              "BLOCK_N": a.block_n, "IS_CAUSAL": False, "ONE_PAGE_PER_BLOCK": not a.gather,
-             "PAGE_WINDOW": PAGE_WINDOW, "DOT_FP32": False, "KV_FORMAT": a.kv_format}
+             "PAGE_WINDOW": PAGE_WINDOW, "DOT_FP32": False, "KV_FORMAT": a.kv_format,
+             "ASM_CVT": bool(a.kv_format) and not a.plain_cvt}  # what launch_decode picks on sm_90
     ptrs = {"q_nope": "*bf16", "q_pe": "*bf16", "ckv": "*bf16", "kpe": "*bf16", "out": "*bf16",
             "lse": "*fp32", "part_o": "*fp32", "part_lse": "*fp32", "scales": "*fp32"}
     if a.kv_format:
@@ -58,6 +60,7 @@ def main() -> None:
     k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": a.warps, "num_stages": a.stages})
     ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
+    Path(a.out).mkdir(parents=True, exist_ok=True)
     Path(a.out, "decode.ttgir").write_text(ttgir)
     Path(a.out, "decode.ptx").write_text(ptx)
     print(f"triton {triton.__version__}: shared {k.metadata.shared} B, "

@@ -11,8 +11,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from openmla import BatchMLAPagedAttentionWrapper
+from openmla.kernels.decode import _dequant_kv
 from openmla.testing import (
     assert_attention_close,
     make_paged_case,
@@ -94,6 +97,88 @@ def test_per_tensor_fp8_decode(c: tuple, dtype: torch.dtype, device: torch.devic
     out2, lse2 = wrapper.run(case.q_nope, case.q_pe, ckv8, kpe8, return_lse=True, kv_scale=2 * KV_SCALE)
     deq2 = replace(deq, ckv_cache=ckv8.float() * (2 * KV_SCALE), kpe_cache=kpe8.float() * (2 * KV_SCALE))
     assert_attention_close(out2, lse2, deq2.reference(), deq2.lowp_reference())
+
+
+@pytest.mark.parametrize("fmt", ["ds_mla", "per_tensor"])
+def test_fp8_unaligned_cache(fmt: str, device: torch.device, workspace: torch.Tensor) -> None:
+    """Caches off the 16-byte grid (656-byte rows at a base 4 bytes past a 16-byte boundary;
+    per-tensor fp8 with a 520-byte token stride): Triton specialises the kernel to narrower
+    copies of the fp8 tile (page 64: whole blocks and a partial last block)."""
+    case, splits = _case(([64, 200, 45], 16, 64, 1, False, 2), device)
+    wrapper = BatchMLAPagedAttentionWrapper(workspace)
+    if fmt == "ds_mla":
+        kv, deq = to_fp8_ds_mla(case)
+        buf = torch.zeros(kv.numel() + 16, dtype=torch.uint8, device=device)
+        shift = (4 - buf.data_ptr()) % 16
+        kv = buf[shift:shift + kv.numel()].view(kv.shape).copy_(kv)
+        assert kv.data_ptr() % 16 == 4
+        _plan(wrapper, case, torch.uint8, splits)
+        out, lse = wrapper.run(case.q_nope, case.q_pe, kv, None, return_lse=True)
+    else:
+        ckv8, kpe8, deq = to_fp8_per_tensor(case, KV_SCALE)
+        wide = torch.zeros(*ckv8.shape[:2], 520, dtype=torch.uint8, device=device)  # 520-byte token stride
+        wide[..., :512] = ckv8.view(torch.uint8)
+        ckv8 = wide[..., :512].view(torch.float8_e4m3fn)
+        _plan(wrapper, case, torch.float8_e4m3fn, splits)
+        out, lse = wrapper.run(case.q_nope, case.q_pe, ckv8, kpe8, return_lse=True, kv_scale=KV_SCALE)
+    assert_attention_close(out, lse, deq.reference(), deq.lowp_reference())
+
+
+@triton.jit
+def _dequant_probe(codes, kpe, scales, out_ckv, out_kpe, KV_FORMAT: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ASM_CVT: tl.constexpr):
+    o_n = tl.arange(0, BLOCK_N)
+    o_c = tl.arange(0, 512)
+    o_r = tl.arange(0, 64)
+    b_ckv = tl.load(codes + o_n[:, None] * 512 + o_c[None, :])
+    b_kpe = tl.load(kpe + o_n[:, None] * 64 + o_r[None, :])
+    b_sc = tl.load(scales + o_n[:, None] * 4 + tl.arange(0, 4)[None, :])
+    b_ckv, b_kpe = _dequant_kv(b_ckv, b_kpe, b_sc, out_ckv.dtype.element_ty, KV_FORMAT, BLOCK_N, 512, False,
+                               ASM_CVT)
+    tl.store(out_ckv + o_n[:, None] * 512 + o_c[None, :], b_ckv)
+    tl.store(out_kpe + o_n[:, None] * 64 + o_r[None, :], b_kpe)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("asm", [True, False], ids=["ptx", "triton"])
+@pytest.mark.parametrize("fmt", ["ds_mla", "per_tensor_bf16", "per_tensor_fp16"])
+def test_dequant_tiles_exact(fmt: str, asm: bool) -> None:
+    """The decode kernel's tile dequantisation, both its PTX (Hopper) and its plain Triton form, is
+    bitwise torch's: every e4m3 code but the NaNs (which the quantiser never writes), in every
+    position of a tile, widened to bf16 / fp16, or times its group scale in float32 rounded to
+    bf16 (scales from the 2**-126 floor to 2**40, powers of two and not)."""
+    if asm and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the PTX dequantisation needs sm_90")
+    n = 32
+    g = torch.Generator().manual_seed(5)
+    codes = torch.arange(n * 512, dtype=torch.int64)
+    codes = codes + (codes // 256) * 37  # every code, in varying positions
+    codes = (codes % 256).to(torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x7E
+    codes = codes.view(n, 512)
+    kpe_codes = torch.randint(0, 256, (n, 64), generator=g).to(torch.uint8)
+    kpe_codes[(kpe_codes & 0x7F) == 0x7F] = 0
+    scales = torch.exp2(torch.empty(n, 4).uniform_(-126, 40, generator=g)).float()
+    scales[0] = 2.0**-126
+    scales[1] = torch.exp2(torch.randint(-30, 10, (4,), generator=g).float())
+    codes8 = codes.view(torch.float8_e4m3fn).cuda()
+    kpe8 = kpe_codes.view(torch.float8_e4m3fn).cuda()
+    if fmt == "ds_mla":
+        kpe_in = torch.randn(n, 64, generator=g).bfloat16().cuda()
+        out_dtype, kv_format = torch.bfloat16, 2
+        want_ckv = (codes8.float().view(n, 4, 128) * scales.cuda()[:, :, None]).view(n, 512).bfloat16()
+        want_kpe = kpe_in
+    else:
+        kpe_in = kpe8
+        out_dtype, kv_format = (torch.bfloat16 if fmt.endswith("bf16") else torch.float16), 1
+        want_ckv, want_kpe = codes8.to(out_dtype), kpe8.to(out_dtype)
+    out_ckv = torch.empty(n, 512, dtype=out_dtype, device="cuda")
+    out_kpe = torch.empty(n, 64, dtype=out_dtype if kv_format == 1 else torch.bfloat16, device="cuda")
+    _dequant_probe[(1,)](codes8, kpe_in, scales.cuda(), out_ckv, out_kpe, KV_FORMAT=kv_format, BLOCK_N=n,
+                         ASM_CVT=asm)
+    assert torch.equal(out_ckv.view(torch.int16), want_ckv.view(torch.int16))
+    assert torch.equal(out_kpe.view(torch.int16), want_kpe.view(torch.int16))
+
 
 def test_ds_mla_quantised_by_our_kernel(device: torch.device, workspace: torch.Tensor) -> None:
     """The write path and the read path agree: a cache filled by append_paged_kv_ds_mla decodes

@@ -51,10 +51,20 @@ def rows_bucket(rows: int) -> int:
     return bucket
 
 
-def decode_config(rows: int, page_size: int) -> DecodeConfig:
-    """The table's config for ``rows`` tile rows, with BLOCK_N shrunk (not below 16) to divide
-    the page size when it can, so a block is addressed by one page id (page 16: BLOCK_N 16)."""
-    cfg = _DECODE_TABLE[rows_bucket(rows)]
+# FP8 caches (kv_format 1, 2) at <= 16 rows: the dequantising build needs 255 registers at 4
+# warps (2 programs per SM); 8 warps over 64-token blocks measured W8 376 us against 446 us for
+# the 16-row bf16 entry (H100, same run, 2026-11-21).
+_FP8_DECODE_TABLE: dict[int, DecodeConfig] = {
+    16: DecodeConfig(block_m=16, block_n=64, num_warps=8, num_stages=2),
+}
+
+
+def decode_config(rows: int, page_size: int, kv_format: int = 0) -> DecodeConfig:
+    """The table's config for ``rows`` tile rows (and the KV format: fp8 caches have their own
+    entries), with BLOCK_N shrunk (not below 16) to divide the page size when it can, so a
+    block is addressed by one page id (page 16: BLOCK_N 16)."""
+    bucket = rows_bucket(rows)
+    cfg = (_FP8_DECODE_TABLE.get(bucket) if kv_format else None) or _DECODE_TABLE[bucket]
     block_n = cfg.block_n
     while page_size % block_n and block_n > 16:
         block_n //= 2
@@ -103,3 +113,61 @@ def env_num_splits() -> int | None:
     if n < 1:
         raise ValueError(f"OPENMLA_NUM_SPLITS must be >= 1, got {n}")
     return n
+
+
+@dataclass(frozen=True)
+class ReduceConfig:
+    """One launch configuration of the LSE-reduce (merge) kernel: a program merges ``block_h``
+    heads x ``block_d`` columns of one query token, ``block_s`` pieces per step."""
+
+    block_h: int  # heads per program (amortises the reduce-map loads, fewer programs)
+    block_d: int  # columns per program (clamped to D; below D the columns spread over programs)
+    block_s: int  # pieces per step
+    num_warps: int
+    num_stages: int  # > 1: software-pipelined steps (the next pieces load while one is summed)
+
+    def __post_init__(self) -> None:
+        for name, low in (("block_h", 1), ("block_d", 16), ("block_s", 1)):
+            v = getattr(self, name)
+            if v < low or v & (v - 1):
+                raise ValueError(f"ReduceConfig.{name} must be a power of two >= {low}, got {v}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"ReduceConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"ReduceConfig.num_stages must be >= 1, got {self.num_stages}")
+
+
+def untuned_reduce_config(d: int) -> ReduceConfig:
+    """The baseline the tuning is measured against: one program per (token, head), whole D."""
+    return ReduceConfig(block_h=1, block_d=d, block_s=16, num_warps=4, num_stages=1)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def reduce_candidates(splits: int, heads: int, d: int) -> tuple[ReduceConfig, ...]:
+    """What ``python -m openmla.tune reduce`` times at a point of ``splits`` pieces (a few dozen
+    configs): every column width from 32 and head block up to 8, all pieces in one step (at
+    most 32 a step) or, from 3 pieces on, half of them a step with the next half prefetched, and
+    the warps that give each thread 16, 32 or 64 floats of the tile (at least 4).
+
+    H100 sweep (2026-11-21, graph-timed, inputs past L2): the winners are one-step tiles of
+    64 floats a thread on small programs (2 heads x 64 columns x 16 pieces, one warp) from 5
+    pieces on, and 16 floats a thread (1 head x 256 columns x 2 pieces, one warp) for 2-4."""
+    full = min(_next_pow2(splits), 32)
+    steps = [(full, 1)] + ([(full // 2, 2)] if full >= 4 else [])
+    found = []
+    for block_d in (32, 64, 128, 256, 512):
+        if block_d > d:
+            continue
+        for block_h in (1, 2, 4, 8):
+            if block_h > _next_pow2(heads):
+                continue
+            for block_s, stages in steps:
+                tile = block_s * block_h * block_d
+                for per_thread in (16, 32, 64):
+                    warps = tile // (32 * per_thread)
+                    if warps in (1, 2, 4, 8) and tile >= 128 * warps:
+                        found.append(ReduceConfig(block_h, block_d, block_s, warps, stages))
+    return tuple(dict.fromkeys(found))

@@ -27,6 +27,8 @@ or partial) is natural-log. Rows that see no key get ``out = 0``, ``lse = -inf``
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -58,27 +60,124 @@ def _load_kv_raw(p_ckv, p_kpe, p_sc, m_n, KV_FORMAT: tl.constexpr):
     return b_ckv, b_kpe, b_sc
 
 
+# Hopper dequantisation in PTX, four fp8 codes (one 32-bit register) per asm block.
+#
+# Why asm, and why impure: with Triton's own casts the layout pass pushes the two dot-operand
+# layouts (K^T for the scores, V for the output) back through the casts onto the fp8 load, and
+# Triton 3.6's pipeliner leaves such a load synchronous (16 and 32 tile rows, mma.sync), so the
+# latent was loaded every block without any copy in flight. (A TMA descriptor load is pipelined,
+# but the casts are then done twice, V's codes read from shared memory a byte at a time.) An
+# impure asm block is not recomputed per layout: the fp8 tile's one user is the asm, so the
+# pipeliner stages the raw bytes with cp.async (num_stages - 1 blocks ahead), the conversion runs
+# once per block, and its 16-bit result reaches both dots through shared memory (ldmatrix /
+# ldmatrix.trans).
+
+# e4m3 -> f16 (exact, one cvt per two codes); for bf16 the f16 bits shift into a bf16 with the same
+# exponent field (value * 2**-112, normal: codes are 0 or >= 2**-9) and one bf16x2 multiply by
+# 2**112 restores the value exactly. (Triton's fp8 -> bf16 cast goes f16 -> bf16 through F2F, the
+# conversion unit, 16 results a clock per SM on H100: the per-tensor decode's bottleneck.)
+_E4M3X4_TO_BF16 = tl.constexpr("""{
+.reg .b16 c0, c1;
+.reg .b32 h0, h1, t0, t1, k;
+mov.b32 k, 0x77807780;
+mov.b32 {c0, c1}, $2;
+cvt.rn.f16x2.e4m3x2 h0, c0;
+cvt.rn.f16x2.e4m3x2 h1, c1;
+shr.b32 t0, h0, 3;
+shr.b32 t1, h1, 3;
+and.b32 t0, t0, 0x0fff0fff;
+and.b32 t1, t1, 0x0fff0fff;
+and.b32 h0, h0, 0x80008000;
+and.b32 h1, h1, 0x80008000;
+or.b32 t0, t0, h0;
+or.b32 t1, t1, h1;
+mul.rn.bf16x2 $0, t0, k;
+mul.rn.bf16x2 $1, t1, k;
+}""")
+
+_E4M3X4_TO_F16 = tl.constexpr("""{
+.reg .b16 c0, c1;
+mov.b32 {c0, c1}, $2;
+cvt.rn.f16x2.e4m3x2 $0, c0;
+cvt.rn.f16x2.e4m3x2 $1, c1;
+}""")
+
+# 656-byte rows: code * group scale in float32, rounded once to bf16 (what dequantize_ds_mla does):
+# e4m3 -> f16 (exact), f16 -> f32 (exact; ptxas makes it an HADD2.F32 on the FMA pipe), one
+# mul.rn.f32, cvt.rn to bf16 (two values per cvt).
+_E4M3X4_SCALED_TO_BF16 = tl.constexpr("""{
+.reg .b16 c0, c1, a0, a1, a2, a3;
+.reg .b32 h0, h1;
+.reg .f32 f0, f1, f2, f3;
+mov.b32 {c0, c1}, $2;
+cvt.rn.f16x2.e4m3x2 h0, c0;
+cvt.rn.f16x2.e4m3x2 h1, c1;
+mov.b32 {a0, a1}, h0;
+mov.b32 {a2, a3}, h1;
+cvt.f32.f16 f0, a0;
+cvt.f32.f16 f1, a1;
+cvt.f32.f16 f2, a2;
+cvt.f32.f16 f3, a3;
+mul.rn.f32 f0, f0, $3;
+mul.rn.f32 f1, f1, $4;
+mul.rn.f32 f2, f2, $5;
+mul.rn.f32 f3, f3, $6;
+cvt.rn.bf16x2.f32 $0, f1, f0;
+cvt.rn.bf16x2.f32 $1, f3, f2;
+}""")
+
+
+@triton.jit
+def _e4m3_to_16bit(b, dtype: tl.constexpr):
+    """fp8 e4m3 codes to ``dtype`` (bf16 or fp16), exactly, in PTX (sm_90)."""
+    if dtype == tl.bfloat16:
+        out = tl.inline_asm_elementwise(_E4M3X4_TO_BF16, "=r,=r,r", [b.to(tl.uint8, bitcast=True)],
+                                        dtype=tl.bfloat16, is_pure=False, pack=4)
+    else:
+        out = tl.inline_asm_elementwise(_E4M3X4_TO_F16, "=r,=r,r", [b.to(tl.uint8, bitcast=True)],
+                                        dtype=tl.float16, is_pure=False, pack=4)
+    return out
+
+
 @triton.jit
 def _dequant_kv(b_ckv, b_kpe, b_sc, q_dtype: tl.constexpr, KV_FORMAT: tl.constexpr,
-                BLOCK_N: tl.constexpr, D_CKV: tl.constexpr, DOT_FP32: tl.constexpr):
+                BLOCK_N: tl.constexpr, D_CKV: tl.constexpr, DOT_FP32: tl.constexpr,
+                ASM_CVT: tl.constexpr):
     """A block's latent and rope tiles in the query dtype (float32 holding the same values in the
     interpreter, ``DOT_FP32``).
 
     fp8 codes widen exactly. The per-tensor scale is folded into the scores and the output
     instead (no rounding here); the 656-byte format's group scales are applied here in float32
     and the product rounded to bf16, so the kernel computes on exactly the cache that
-    ``dequantize_ds_mla`` returns."""
-    if KV_FORMAT == 2:
-        b_ckv = tl.reshape(b_ckv.to(tl.float32), (BLOCK_N, D_CKV // 128, 128)) * b_sc[:, :, None]
-        b_ckv = tl.reshape(b_ckv, (BLOCK_N, D_CKV))
+    ``dequantize_ds_mla`` returns. ``ASM_CVT`` (Hopper): the same values through the PTX above
+    (``tests/test_fp8_decode.py`` checks them bitwise); else Triton's casts. NaN codes (0x7F,
+    0xFF), which the quantiser never writes, need not come out as NaN."""
+    if ASM_CVT:
+        if KV_FORMAT == 2:
+            b_sc = tl.broadcast_to(b_sc[:, :, None], (BLOCK_N, D_CKV // 128, 128))
+            b_ckv = tl.inline_asm_elementwise(
+                _E4M3X4_SCALED_TO_BF16, "=r,=r,r,r,r,r,r",
+                [b_ckv.to(tl.uint8, bitcast=True), tl.reshape(b_sc, (BLOCK_N, D_CKV))],
+                dtype=tl.bfloat16, is_pure=False, pack=4)
+        else:
+            b_ckv = _e4m3_to_16bit(b_ckv, q_dtype)
+            b_kpe = _e4m3_to_16bit(b_kpe, q_dtype)
+    else:
+        if KV_FORMAT == 2:
+            b_ckv = tl.reshape(b_ckv.to(tl.float32), (BLOCK_N, D_CKV // 128, 128)) * b_sc[:, :, None]
+            b_ckv = tl.reshape(b_ckv, (BLOCK_N, D_CKV))
+            if DOT_FP32:
+                # the interpreter's float32 -> bf16 cast truncates; round to nearest even by hand
+                bits = b_ckv.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                b_ckv = bits.to(tl.float32, bitcast=True)
         if DOT_FP32:
-            # the interpreter's float32 -> bf16 cast truncates; round to nearest even by hand
-            bits = b_ckv.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            b_ckv = bits.to(tl.float32, bitcast=True)
-    if DOT_FP32:
-        return b_ckv.to(tl.float32), b_kpe.to(tl.float32)
-    return b_ckv.to(q_dtype), b_kpe.to(q_dtype)
+            b_ckv = b_ckv.to(tl.float32)
+            b_kpe = b_kpe.to(tl.float32)
+        else:
+            b_ckv = b_ckv.to(q_dtype)
+            b_kpe = b_kpe.to(q_dtype)
+    return b_ckv, b_kpe
 
 
 @triton.jit
@@ -147,6 +246,7 @@ def _mla_decode_kernel(
     PAGE_WINDOW: tl.constexpr,
     DOT_FP32: tl.constexpr,
     KV_FORMAT: tl.constexpr,
+    ASM_CVT: tl.constexpr,
 ):
     # Row blocks of one piece are neighbours in launch order, so they run together and the second
     # one finds the piece's KV in L2 (with the row blocks as the slow grid axis, W2's two row
@@ -216,7 +316,7 @@ def _mla_decode_kernel(
                 o_n = start + o_blk
                 b_ckv, b_kpe, b_sc = _load_kv_raw(p_ckv, p_kpe, p_sc, o_n < kv_end, KV_FORMAT)
                 b_ckv, b_kpe = _dequant_kv(b_ckv, b_kpe, b_sc, q_nope.dtype.element_ty, KV_FORMAT, BLOCK_N,
-                                           D_CKV, DOT_FP32)
+                                           D_CKV, DOT_FP32, ASM_CVT)
                 b_m, b_l, b_acc = _attend_block(b_qn, b_qp, b_ckv, b_kpe, o_n, kv_end, b_last,
                                                 b_m, b_l, b_acc, scale_log2)
     else:
@@ -229,7 +329,7 @@ def _mla_decode_kernel(
             p_sc = scales + b_page[:, None] * stride_sc_p + b_slot[:, None] * stride_sc_t + o_g[None, :]
             b_ckv, b_kpe, b_sc = _load_kv_raw(p_ckv, p_kpe, p_sc, o_n < kv_end, KV_FORMAT)
             b_ckv, b_kpe = _dequant_kv(b_ckv, b_kpe, b_sc, q_nope.dtype.element_ty, KV_FORMAT, BLOCK_N,
-                                       D_CKV, DOT_FP32)
+                                       D_CKV, DOT_FP32, ASM_CVT)
             b_m, b_l, b_acc = _attend_block(b_qn, b_qp, b_ckv, b_kpe, o_n, kv_end, b_last,
                                             b_m, b_l, b_acc, scale_log2)
 
@@ -373,6 +473,21 @@ def launch_decode(
         PAGE_WINDOW=PAGE_WINDOW,
         DOT_FP32=_interp.dot_in_fp32(q_nope.device),
         KV_FORMAT=kv_format,
+        ASM_CVT=kv_format != KV_PLAIN and _sm90(q_nope.device),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+
+
+def _sm90(device: torch.device) -> bool:
+    """A Hopper (or newer) GPU, not the interpreter: the PTX dequantisation (cvt e4m3x2 needs
+    sm_89, mul.bf16x2 sm_90)."""
+    if device.type != "cuda" or _interp.is_interpreting():
+        return False
+    return _sm_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.cache
+def _sm_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+

@@ -51,6 +51,12 @@ def provenance() -> dict[str, str]:
         info["flashinfer"] = flashinfer.__version__
     except Exception as exc:  # noqa: BLE001 - any import failure means "no peer"
         info["flashinfer"] = f"unavailable ({type(exc).__name__})"
+    try:
+        import tilelang
+
+        info["tilelang"] = tilelang.__version__
+    except Exception as exc:  # noqa: BLE001 - the optional compute-bound path
+        info["tilelang"] = f"unavailable ({type(exc).__name__})"
     return info
 
 
@@ -200,8 +206,18 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
               flush=True)
 
     ours = Ours(b, args.rotations)
-    record(ours, "openmla", {**ours.wrappers[0].plan_info, "kernels": kernel_times(ours.fns())})
-    print(f"  {name} openmla kernels (profiler, us per call): {rows[-1]['kernels']}")
+    backend = ours.wrappers[0].backend
+    record(ours, "openmla", {**ours.wrappers[0].plan_info, "backend": backend,
+                             "kernels": kernel_times(ours.fns())})
+    print(f"  {name} openmla ({backend}) kernels (profiler, us per call): {rows[-1]['kernels']}")
+    if backend != "triton":  # the Triton kernel on the same shape, for the record
+        os.environ["OPENMLA_DECODE_BACKEND"] = "triton"
+        try:
+            tri = Ours(b, args.rotations)
+            record(tri, "openmla-triton", {**tri.wrappers[0].plan_info, "kernels": kernel_times(tri.fns())})
+            del tri
+        finally:
+            del os.environ["OPENMLA_DECODE_BACKEND"]
     det = Ours(b, args.rotations, deterministic=True)
     record(det, "openmla-deterministic", det.wrappers[0].plan_info)
     if args.sweep:
@@ -257,7 +273,7 @@ def print_table(rows: list[dict]) -> None:
         fa2 = impls.get("flashinfer-fa2")
         ratio = f"{fa3['us'] / o['us']:.2f}x" if fa3 else "-"
         det = impls.get("openmla-deterministic", {}).get("us", "-")
-        print(f"| {name} | {o['us']} | {o['GBps']} | {o['TFLOPs']} | {o.get('kernels', {}).get('_merge_kernel', 0)} | {det} | "
+        print(f"| {name} ({o.get('backend', 'triton')}) | {o['us']} | {o['GBps']} | {o['TFLOPs']} | {o.get('kernels', {}).get('_merge_kernel', 0)} | {det} | "
               f"{fa3['us'] if fa3 else '-'} | "
               f"{fa3['GBps'] if fa3 else '-'} | {ratio} | {fa2['us'] if fa2 else '-'} | {o['check'][:4]} |")
 

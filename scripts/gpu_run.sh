@@ -3,19 +3,13 @@
 # FlashInfer).
 # Usage on the GPU machine, from the repo root:  bash scripts/gpu_run.sh [--sweep]
 # Writes logs and JSON under $OUT (default ./gpu_out); prints the benchmark table last.
-# FlashInfer travels as wheels in .whl/ (see DESIGN.md, "Benchmarks"); without them the peer
-# columns stay empty.
+# FlashInfer (wheels) and TileLang (an archive) travel in .whl/ (scripts/gpu_env.sh, DESIGN.md
+# "Benchmarks"); without them the peer columns stay empty and the Triton kernel serves 64+ heads.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-export FLASHINFER_CUDA_ARCH_LIST=9.0a
-CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")") && export CUDA_HOME
+source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
 
 status=0
@@ -26,6 +20,8 @@ fi
 bench_args=()
 [[ " $* " == *" --sweep "* ]] && bench_args+=(--sweep)
 python3 benchmarks/bench_write.py --out "$OUT" 2>&1 | tee "$OUT/bench_write.log" || status=1
+python3 benchmarks/bench_reduce.py --json "$OUT/bench_reduce.json" 2>&1 | tee "$OUT/bench_reduce.log" \
+  | tail -n 4 || status=1
 python3 benchmarks/bench_decode.py --out "$OUT" --results "$OUT/decode_results.csv" "${bench_args[@]}" \
   2>&1 | tee "$OUT/bench.log" || status=1
 exit $status

@@ -15,7 +15,11 @@ import torch
 
 from openmla.config import DecodeConfig
 from openmla.kernels.decode import KV_FP8_DS_MLA, KV_FP8_TENSOR, launch_decode
+from openmla.kernels.decode_tilelang import launch_decode_tilelang, tilelang_views_ok
 from openmla.kernels.merge import launch_merge
+
+BACKEND_TRITON = 0
+BACKEND_TILELANG = 1
 
 
 def kv_views(
@@ -98,9 +102,35 @@ def run_planned_decode(
     row_blocks: int,
     config: DecodeConfig,
     merge_kernel: bool,
+    backend: int = BACKEND_TRITON,
 ) -> None:
     """Launch the split-KV decode (which merges requests of few pieces itself), then, when the
-    plan has requests of many pieces, the merge kernel."""
+    plan has requests of many pieces, the merge kernel. ``BACKEND_TILELANG`` plans merge every
+    split request in the merge kernel, so the Triton kernel can stand in for the TileLang one
+    (queries or output whose rows cannot be addressed as one flat array)."""
+    if backend == BACKEND_TILELANG and tilelang_views_ok(q_nope, q_pe, ckv_cache, kpe_cache, out, lse, kv_indices):
+        launch_decode_tilelang(
+            q_nope, q_pe, ckv_cache, kpe_cache, out, lse, part_o, part_lse, arrays.qo_indptr,
+            arrays.kv_indptr, kv_indices, arrays.kv_len, arrays.work_req, arrays.work_kv_begin,
+            arrays.work_kv_end, arrays.work_part_row, sm_scale, causal, row_blocks)
+    else:
+        _launch_triton_decode(q_nope, q_pe, ckv_cache, kpe_cache, scales, kv_format, kv_indices, arrays,
+                              part_o, part_lse, out, lse, counters, sm_scale, causal, row_blocks, config)
+    if not merge_kernel:
+        return
+    launch_merge(
+        part_o=part_o,
+        part_lse=part_lse,
+        out=out,
+        lse=lse,
+        tok_part_row=arrays.tok_part_row,
+        tok_num_parts=arrays.tok_num_parts,
+        tok_part_stride=arrays.tok_part_stride,
+    )
+
+
+def _launch_triton_decode(q_nope, q_pe, ckv_cache, kpe_cache, scales, kv_format, kv_indices, arrays,
+                          part_o, part_lse, out, lse, counters, sm_scale, causal, row_blocks, config):
     launch_decode(
         q_nope=q_nope,
         q_pe=q_pe,
@@ -128,17 +158,6 @@ def run_planned_decode(
         row_blocks=row_blocks,
         config=config,
     )
-    if not merge_kernel:
-        return
-    launch_merge(
-        part_o=part_o,
-        part_lse=part_lse,
-        out=out,
-        lse=lse,
-        tok_part_row=arrays.tok_part_row,
-        tok_num_parts=arrays.tok_num_parts,
-        tok_part_stride=arrays.tok_part_stride,
-    )
 
 
 @torch.library.custom_op("openmla::paged_decode", mutates_args=("workspace", "counters", "out", "lse"))
@@ -160,9 +179,9 @@ def paged_decode(
     causal: bool,
     launch: list[int],
 ) -> None:
-    """``sizes = [batch, work_capacity, token_capacity, partial_rows, row_blocks, merge_kernel]``;
-    ``launch = [block_m, block_n, num_warps, num_stages]``."""
-    batch, work_cap, tok_cap, rows, row_blocks, merge_kernel = sizes
+    """``sizes = [batch, work_capacity, token_capacity, partial_rows, row_blocks, merge_kernel,
+    backend]``; ``launch = [block_m, block_n, num_warps, num_stages]``."""
+    batch, work_cap, tok_cap, rows, row_blocks, merge_kernel, backend = sizes
     part_o, part_lse = slice_workspace(workspace, rows, q_nope.shape[-1])
     ckv, kpe, scales = kv_views(kv_format, ckv_cache, kpe_cache, kv_scale)
     run_planned_decode(
@@ -184,6 +203,7 @@ def paged_decode(
         row_blocks,
         DecodeConfig(*launch),
         bool(merge_kernel),
+        backend,
     )
 
 

@@ -17,8 +17,11 @@ import torch
 
 from openmla import config as _config
 from openmla.fp8 import DS_MLA_BYTES
+from openmla.kernels import decode_tilelang
 from openmla.kernels.decode import KV_FP8_DS_MLA, KV_FP8_TENSOR, KV_PLAIN
 from openmla.ops import (
+    BACKEND_TILELANG,
+    BACKEND_TRITON,
     PlanArrays,
     kv_views,
     meta_numel,
@@ -28,7 +31,7 @@ from openmla.ops import (
     slice_meta,
     slice_workspace,
 )
-from openmla.schedule import build_schedule, cdiv, deterministic_pieces, work_capacity
+from openmla.schedule import TILELANG_SCHEDULE, build_schedule, cdiv, deterministic_pieces, work_capacity
 from openmla.validation import (
     ATTN_DTYPES,
     INDEX_DTYPES,
@@ -122,6 +125,21 @@ class BatchMLAPagedAttentionWrapper:
         if self._device.type == "cuda":
             return torch.cuda.get_device_properties(self._device).multi_processor_count
         return CPU_NUM_SMS
+
+    def _backend(self, num_heads: int, page_size: int, kv_format: int,
+                 decode_config: _config.DecodeConfig | None) -> int:
+        """TileLang for 64-row tiles on Hopper when it is installed, else Triton (see
+        ``decode_tilelang.env_backend`` for the override)."""
+        choice = decode_tilelang.env_backend()
+        if choice == "triton" or decode_config is not None:
+            return BACKEND_TRITON
+        ok = decode_tilelang.supports(num_heads, page_size, kv_format, self._device)
+        if choice == "tilelang" and not ok:
+            raise ValueError(
+                "OPENMLA_DECODE_BACKEND=tilelang needs tilelang installed, a Hopper GPU, a 16-bit "
+                f"cache, num_heads % 64 == 0 and page_size % 64 == 0; got num_heads={num_heads}, "
+                f"page_size={page_size}")
+        return BACKEND_TILELANG if ok else BACKEND_TRITON
 
     def plan(
         self,
@@ -231,15 +249,22 @@ class BatchMLAPagedAttentionWrapper:
 
         num_tokens = qo_host[-1]
         max_rows = max(qo_lens, default=0) * num_heads
-        # In deterministic mode the tile shape must not depend on the batch: size it by heads.
-        cfg = decode_config or _config.decode_config(num_heads if deterministic else max_rows, page_size)
+        backend = self._backend(num_heads, page_size, kv_format, decode_config)
+        if backend == BACKEND_TILELANG:
+            cfg, sched_cfg, inline_max = decode_tilelang.PLAN_CONFIG, TILELANG_SCHEDULE, 0
+        else:
+            # In deterministic mode the tile shape must not depend on the batch: size it by heads.
+            cfg = decode_config or _config.decode_config(num_heads if deterministic else max_rows, page_size,
+                                                            kv_format)
+            sched_cfg, inline_max = _config.DEFAULT_SCHEDULE, _config.INLINE_MERGE_MAX
         row_blocks = max(1, cdiv(max_rows, cfg.block_m))
         num_sms = self._num_sms()
         det_pieces = (deterministic_pieces(qo_lens, kv_len_host, num_heads)
                       if deterministic and num_splits is None else None)
         if self._use_cuda_graph:
             if self._graph_shape is None:
-                cap = work_capacity(batch, num_splits, num_sms, row_blocks, deterministic_pieces=det_pieces)
+                cap = work_capacity(batch, num_splits, num_sms, row_blocks, sched_cfg,
+                                    deterministic_pieces=det_pieces)
                 self._graph_shape = (batch, cap, num_tokens, row_blocks, cfg)
             g_batch, cap, tok_cap, g_row_blocks, g_cfg = self._graph_shape
             if batch != g_batch:
@@ -251,11 +276,13 @@ class BatchMLAPagedAttentionWrapper:
                     "the first plan; create a new wrapper")
             row_blocks = g_row_blocks
         else:
-            cap = work_capacity(batch, num_splits, num_sms, row_blocks, deterministic_pieces=det_pieces)
+            cap = work_capacity(batch, num_splits, num_sms, row_blocks, sched_cfg,
+                                deterministic_pieces=det_pieces)
             tok_cap = num_tokens
         sched = build_schedule(
             qo_lens, kv_len_host, num_heads, cfg.block_n, row_blocks, num_sms,
-            self._part_rows_capacity, cap, tok_cap, num_splits=num_splits, deterministic=deterministic)
+            self._part_rows_capacity, cap, tok_cap, num_splits=num_splits, sched=sched_cfg,
+            deterministic=deterministic, inline_merge_max=inline_max)
 
         host_meta = torch.tensor(
             qo_host + kv_ptr_host + kv_len_host + sched.work_req + sched.work_kv_begin
@@ -277,7 +304,7 @@ class BatchMLAPagedAttentionWrapper:
             kv_dtype=kv_data_type, kv_format=kv_format, max_page=max_page, kv_indices=kv_indices_dev,
             arrays=slice_meta(self._meta, batch, cap, tok_cap),
             sizes=[batch, cap, tok_cap, self._part_rows_capacity, row_blocks,
-                   int(self._use_cuda_graph or sched.merge_kernel_tokens > 0)], config=cfg,
+                   int(self._use_cuda_graph or sched.merge_kernel_tokens > 0), backend], config=cfg,
             num_pieces=sched.num_pieces, num_split_requests=sched.split_requests,
         )
 
@@ -373,7 +400,7 @@ class BatchMLAPagedAttentionWrapper:
             ckv, kpe, scales = kv_views(p.kv_format, ckv_cache, kpe_cache, scale_t)
             run_planned_decode(q_nope, q_pe, ckv, kpe, scales, p.kv_format, p.kv_indices, p.arrays,
                                self._part_o, self._part_lse, out, lse, self._counters, p.sm_scale,
-                               p.causal, p.sizes[4], p.config, bool(p.sizes[5]))
+                               p.causal, p.sizes[4], p.config, bool(p.sizes[5]), p.sizes[6])
         return (out, lse) if return_lse else out
 
     def _check_caches(self, p: _Plan, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor | None) -> int:
@@ -428,6 +455,13 @@ class BatchMLAPagedAttentionWrapper:
             self._kv_scale_buf.fill_(float(kv_scale))
             self._kv_scale_value = float(kv_scale)
         return self._kv_scale_buf
+
+    @property
+    def backend(self) -> str:
+        """The decode kernel the current plan launches: ``"triton"`` or ``"tilelang"``."""
+        if self._plan is None:
+            raise ValueError("backend needs a plan() first")
+        return "tilelang" if self._plan.sizes[6] == BACKEND_TILELANG else "triton"
 
     @property
     def plan_info(self) -> dict[str, int]:

@@ -1,0 +1,598 @@
+"""Compute-bound decode in TileLang (Hopper warpgroup MMA), the optional fast path for tiles of
+64 query rows (``num_heads % 64 == 0``: 64 or 128 heads, any ``qo_len``).
+
+One program handles one work item of the plan (see ``openmla.schedule``) for one 64-row block:
+the plan's arrays are read exactly as the Triton kernel reads them, so both paths share the
+schedule, the workspace and the merge kernel. A row block is 64 consecutive rows of the
+flattened ``[T * H, 512]`` queries (token-major, then head), so with ``H % 64 == 0`` it never
+straddles two requests.
+
+Layout of a program (256 threads, two warpgroups): ``S = Q K^T`` is split by columns between the
+warpgroups and exchanged through shared memory, the ``[64, 512]`` fp32 output accumulator is
+split by columns (256 each), so neither warpgroup spills. The ``[64, 576]`` K tile is staged
+once and reused as V. KV blocks are 64 tokens inside one page (``page_size % 64 == 0``), so a
+block is one contiguous slice of the cache; the last, partial block is copied row by row with
+rows past the range zeroed (unused slots may hold NaN, and ``0 * NaN`` would reach the output).
+
+Compiled once per (heads, page size, dtype, causal): batch size, pages, work items and partial
+rows are dynamic. Imported lazily: tilelang is an optional dependency.
+"""
+
+# No `from __future__ import annotations`: TileLang evaluates the kernel's annotations, which
+# name local shape variables.
+import functools
+import os
+
+import torch
+
+from openmla.config import DecodeConfig
+
+D_CKV = 512
+D_KPE = 64
+BLOCK_M = 64
+BLOCK_N = 64
+THREADS = 256
+NUM_STAGES = 2
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# What plan() schedules with (row blocks of 64, pieces cut at multiples of 64); the warp and
+# stage fields also serve the Triton kernel when it stands in (strided queries, int64 page ids).
+PLAN_CONFIG = DecodeConfig(block_m=BLOCK_M, block_n=BLOCK_N, num_warps=8, num_stages=2)
+
+
+DECODE_BACKENDS = ("auto", "triton", "tilelang")
+
+
+def env_backend() -> str:
+    """``OPENMLA_DECODE_BACKEND``: ``auto`` (default: TileLang for 64-row tiles on Hopper when
+    installed, else Triton), ``triton`` or ``tilelang`` (A/B runs; an error where TileLang
+    cannot serve the plan)."""
+    value = os.environ.get("OPENMLA_DECODE_BACKEND") or "auto"
+    if value not in DECODE_BACKENDS:
+        raise ValueError(f"OPENMLA_DECODE_BACKEND must be one of {DECODE_BACKENDS}, got {value!r}")
+    return value
+
+
+@functools.cache
+def tilelang_available() -> bool:
+    try:
+        import tilelang  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken tilelang install must not break the Triton path
+        return False
+    return True
+
+
+def supports(num_heads: int, page_size: int, kv_format: int, device: torch.device) -> bool:
+    """Whether the TileLang path can run this plan (the Triton kernel covers everything else)."""
+    return (device.type == "cuda" and kv_format == 0 and num_heads % BLOCK_M == 0
+            and page_size % BLOCK_N == 0 and _is_hopper(device) and tilelang_available())
+
+
+def _is_hopper(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) == (9, 0)  # sm_90a: wgmma, setmaxnreg
+
+
+SCHEDULES = ("default", "seesaw", "seesaw_split")
+
+
+def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block_n: int = BLOCK_N,
+                 num_stages: int = NUM_STAGES, fast_math: bool = False, schedule: str | None = None):
+    """The compiled kernel for one (heads, page size, dtype, causal); the keyword arguments are
+    tuning variants (benchmarks/bench_tilelang.py). ``schedule``: ``default`` (TileLang's automatic
+    warp specialisation, softmax between the MMAs) or ``seesaw`` (hand-scheduled warp
+    specialisation: the consumer warpgroups take alternate KV blocks, so one's softmax runs under
+    the other's MMAs; see :func:`_seesaw_func`), ``seesaw_split`` (the same with a barrier per third
+    of a KV block, so S = Q K^T starts on the first third while the rest lands); None reads
+    ``OPENMLA_TILELANG_SCHEDULE``."""
+    if schedule is None:
+        schedule = os.environ.get("OPENMLA_TILELANG_SCHEDULE") or "default"
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return _build_kernel(num_heads, page_size, dtype, bool(causal), block_n, num_stages, fast_math, schedule)
+
+
+@functools.cache
+def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block_n: int,
+                  num_stages: int, fast_math: bool, schedule: str):
+    import tilelang
+    import tilelang.language as T
+
+    configs = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True} if fast_math else None
+    if schedule in ("seesaw", "seesaw_split"):
+        if block_n != BLOCK_N or num_stages != NUM_STAGES:
+            raise ValueError("the seesaw schedules have fixed 64-token blocks in two stages")
+        func = _seesaw_func(num_heads, page_size, dtype, causal, split_loads=schedule == "seesaw_split")
+        return tilelang.compile(func, target=_target(), execution_backend=_backend(), pass_configs=configs)
+
+    H, PAGE = num_heads, page_size
+    acc = "float32"
+    rows, slots, n_idx, batch1, batch, work, part_rows = T.dynamic(
+        "rows, slots, n_idx, batch1, batch, work, part_rows")
+    # row strides: queries and caches may be views of wider [.., 576] buffers
+    s_qn, s_qp, s_kv, s_kpe, s_o = T.dynamic("s_qn, s_qp, s_kv, s_kpe, s_o")
+
+    @T.macro
+    def attend(q_s, qp_s, kv_s, kpe_s, p_s, acc_s, acc_o, m_i, m_prev, alpha, l_blk, l_i,
+               start, kv_end, kv_len_arr, qo_indptr_arr, i_b, tok0, scale_log2):
+        T.gemm(q_s, kv_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol, clear_accum=True)
+        T.gemm(qp_s, kpe_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+        for i, j in T.Parallel(BLOCK_M, block_n):
+            if causal:
+                # the bound is re-read from the arrays: a let-bound qo_len here trips TileLang's
+                # warp-specialisation pass ("used before definition")
+                shift = kv_len_arr[i_b] - (qo_indptr_arr[i_b + 1] - qo_indptr_arr[i_b])
+                last = T.min(kv_end - 1, shift + tok0 + i // H)
+            else:
+                last = kv_end - 1
+            acc_s[i, j] = T.if_then_else(start + j <= last, acc_s[i, j] * scale_log2,
+                                         -T.infinity(acc))
+        T.copy(m_i, m_prev)
+        T.reduce_max(acc_s, m_i, dim=1, clear=False)
+        for i in T.Parallel(BLOCK_M):
+            # a row that has seen no key yet keeps m = -inf: use 0 as its offset
+            alpha[i] = T.exp2(m_prev[i] - T.if_then_else(m_i[i] == -T.infinity(acc), 0, m_i[i]))
+        for i, j in T.Parallel(BLOCK_M, block_n):
+            acc_s[i, j] = T.exp2(acc_s[i, j] - T.if_then_else(
+                m_i[i] == -T.infinity(acc), 0, m_i[i]))
+        T.reduce_sum(acc_s, l_blk, dim=1)
+        T.copy(acc_s, p_s)
+        if start + block_n > kv_end:
+            # slots past the range may hold NaN, and 0 * NaN would reach the output
+            for i, j in T.Parallel(block_n, D_CKV):
+                if start + i >= kv_end:
+                    kv_s[i, j] = T.cast(0, dtype)
+        for i in T.Parallel(BLOCK_M):
+            l_i[i] = l_i[i] * alpha[i] + l_blk[i]
+        for i, j in T.Parallel(BLOCK_M, D_CKV):
+            acc_o[i, j] *= alpha[i]
+        T.gemm(p_s, kv_s, acc_o, policy=T.GemmWarpPolicy.FullCol)
+
+    @T.prim_func
+    def decode(
+        Q: T.StridedTensor([rows, D_CKV], (s_qn, 1), dtype),
+        QP: T.StridedTensor([rows, D_KPE], (s_qp, 1), dtype),
+        KV: T.StridedTensor([slots, D_CKV], (s_kv, 1), dtype),
+        KPE: T.StridedTensor([slots, D_KPE], (s_kpe, 1), dtype),
+        kv_indices: T.Tensor([n_idx], "int32"),
+        qo_indptr: T.Tensor([batch1], "int32"),
+        kv_indptr: T.Tensor([batch1], "int32"),
+        kv_len: T.Tensor([batch], "int32"),
+        work_req: T.Tensor([work], "int32"),
+        work_kv_begin: T.Tensor([work], "int32"),
+        work_kv_end: T.Tensor([work], "int32"),
+        work_part_row: T.Tensor([work], "int32"),
+        Out: T.StridedTensor([rows, D_CKV], (s_o, 1), dtype),
+        Lse: T.Tensor([rows], acc),
+        PartO: T.Tensor([part_rows, D_CKV], acc),
+        PartLse: T.Tensor([part_rows], acc),
+        scale_log2: T.float32,
+        row_blocks: T.int32,
+    ):
+        # Row blocks of one piece are neighbours in launch order (x fastest): the second finds
+        # the piece's KV in L2.
+        with T.Kernel(row_blocks, work, threads=THREADS) as (i_m, i_w):
+            q_s = T.alloc_shared([BLOCK_M, D_CKV], dtype)
+            qp_s = T.alloc_shared([BLOCK_M, D_KPE], dtype)
+            kv_s = T.alloc_shared([block_n, D_CKV], dtype)
+            kpe_s = T.alloc_shared([block_n, D_KPE], dtype)
+            p_s = T.alloc_shared([BLOCK_M, block_n], dtype)
+            acc_s = T.alloc_fragment([BLOCK_M, block_n], acc)
+            acc_o = T.alloc_fragment([BLOCK_M, D_CKV], acc)
+            m_i = T.alloc_fragment([BLOCK_M], acc)
+            m_prev = T.alloc_fragment([BLOCK_M], acc)
+            alpha = T.alloc_fragment([BLOCK_M], acc)
+            l_blk = T.alloc_fragment([BLOCK_M], acc)
+            l_i = T.alloc_fragment([BLOCK_M], acc)
+            lse_f = T.alloc_fragment([BLOCK_M], acc)
+
+            i_b = work_req[i_w]
+            q_begin = qo_indptr[T.max(i_b, 0)]
+            qo_len = qo_indptr[T.max(i_b, 0) + 1] - q_begin
+            if i_b >= 0 and i_m * BLOCK_M < qo_len * H:
+                kv_begin = work_kv_begin[i_w]
+                kv_end = work_kv_end[i_w]
+                part_row = work_part_row[i_w]
+                page_base = kv_indptr[i_b]
+                row0 = q_begin * H + i_m * BLOCK_M
+                # request-local token of the block's first row; row r is token tok0 + r // H
+                tok0 = i_m * BLOCK_M // H
+
+                T.copy(Q[row0:row0 + BLOCK_M, :], q_s)
+                T.copy(QP[row0:row0 + BLOCK_M, :], qp_s)
+                T.fill(acc_o, 0)
+                T.fill(l_i, 0)
+                T.fill(m_i, -T.infinity(acc))
+
+                n_blocks = T.ceildiv(kv_end - kv_begin, block_n)
+                for k in T.Pipelined(n_blocks, num_stages=num_stages):
+                    start = kv_begin + k * block_n
+                    slot0 = kv_indices[page_base + start // PAGE] * PAGE + start % PAGE
+                    T.copy(KV[slot0:slot0 + block_n, :], kv_s)
+                    T.copy(KPE[slot0:slot0 + block_n, :], kpe_s)
+                    attend(q_s, qp_s, kv_s, kpe_s, p_s, acc_s, acc_o, m_i, m_prev, alpha, l_blk, l_i,
+                           start, kv_end, kv_len, qo_indptr, i_b, tok0, scale_log2)
+
+                for i, j in T.Parallel(BLOCK_M, D_CKV):
+                    acc_o[i, j] = acc_o[i, j] / T.if_then_else(l_i[i] > 0, l_i[i], 1)
+                for i in T.Parallel(BLOCK_M):
+                    lse_f[i] = T.if_then_else(l_i[i] > 0, (m_i[i] + T.log2(l_i[i])) * LN2,
+                                              -T.infinity(acc))
+                if part_row < 0:
+                    T.copy(acc_o, Out[row0:row0 + BLOCK_M, :])
+                    T.copy(lse_f, Lse[row0:row0 + BLOCK_M])
+                else:
+                    prow = part_row + i_m * BLOCK_M
+                    T.copy(acc_o, PartO[prow:prow + BLOCK_M, :])
+                    T.copy(lse_f, PartLse[prow:prow + BLOCK_M])
+
+    return tilelang.compile(decode, target=_target(), execution_backend=_backend(), pass_configs=configs)
+
+
+SEESAW_THREADS = 384  # warpgroups 0 and 1 consume, warpgroup 2 loads
+SEESAW_CONSUMER_REGS = 240
+SEESAW_PRODUCER_REGS = 24
+
+
+def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split_loads: bool = False):
+    """The kernel with a hand-written warp-specialised "seesaw" schedule (same arguments and
+    contract as the default one).
+
+    Warpgroup 2 loads Q once and the KV blocks by TMA into two stages (block ``k`` into stage
+    ``k % 2``). Consumer warpgroup ``w`` owns the blocks ``k % 2 == w``: it computes their whole
+    ``S = Q K^T`` (m64n64 MMAs over 576), their softmax, and publishes P (shared, one buffer),
+    the new row max / sum and the rescale factor; each warpgroup accumulates the output columns
+    ``[256 w, 256 w + 256)`` of every block, its own from P in registers, the other's from shared.
+    The online softmax is a chain through the two warpgroups (block ``k`` starts from block
+    ``k - 1``'s max); no cross-warpgroup reduction is needed, and S is one m64n64 MMA chain per
+    block instead of two m64n32 ones (half the shared-memory operand traffic). What overlaps the
+    softmax is the other warpgroup's P V MMAs; a deeper overlap (issuing block k + 1's S before
+    block k's softmax) needs block k + 1 loaded, and with two 72 KB stages its stage is freed only
+    when block k - 1's P V completes, so the loads, not the softmax, bound the schedule.
+    Every wgmma wait is a full drain (``wait_group 0``) and no MMA sits under a condition: ptxas
+    serialises every MMA of the kernel otherwise (C7514/C7515); hence the phantom block that
+    pads an odd block count. Synchronisation (mbarriers): ``full[s]``
+    (TMA landed), ``empty[s]`` (both consumers' MMAs reading stage ``s`` completed), ``ready[w]``
+    (warpgroup ``w`` published a block). The single P buffer is safe because a warpgroup writes it
+    only after its own MMA on the previous P completed, and that P was written after the other
+    warpgroup's MMA on the one before completed. ``split_loads``: a ``full`` barrier per part of a
+    block (V/K columns [0, 256), [256, 512), the rope part), in the order S = Q K^T consumes them.
+    """
+    import tilelang.language as T
+
+    H, PAGE = num_heads, page_size
+    acc = "float32"
+    HALF = D_CKV // 2
+    BN = BLOCK_N
+    ROW_POLICY = T.GemmWarpPolicy.FullRow
+    rows, slots, n_idx, batch1, batch, work, part_rows = T.dynamic(
+        "rows, slots, n_idx, batch1, batch, work, part_rows")
+    s_qn, s_qp, s_kv, s_kpe, s_o = T.dynamic("s_qn, s_qp, s_kv, s_kpe, s_o")
+
+    parts = 3 if split_loads else 1  # full barriers per stage
+
+    def own_block(w: int):
+        """Block ``k`` (stage ``w``) for its owner, warpgroup ``w``."""
+
+        @T.macro
+        def own(k, i, q_l, q_r, qp_s, kl, kr, kp, p_s, sm_s, sl_s, sa_s, full, empty, ready,
+                acc_s, acc_p, acc_o, m_i, l_i, m_blk, l_blk, alpha, kv_begin, kv_end, shift, tok0,
+                scale_log2):
+            start = kv_begin + k * BN
+            # the P V of block k - 1 (the other warpgroup's) completes first: its stage is released
+            # at once, and no wgmma is in flight across a partial wait (ptxas would serialise them)
+            T.wait_wgmma(0)
+            if k > 0:
+                T.barrier_arrive(empty[1 - w])
+            T.barrier_wait(full[parts * w], i & 1)
+            if start + BN > kv_end:
+                if split_loads:
+                    T.barrier_wait(full[parts * w + 1], i & 1)
+                # slots past the range may hold NaN, and 0 * NaN would reach the output; both
+                # halves, since the other warpgroup multiplies P by its half of this block too
+                for r, c in T.Parallel(BN, HALF):
+                    if start + r >= kv_end:
+                        kl[r, c] = T.cast(0, dtype)
+                        kr[r, c] = T.cast(0, dtype)
+                T.fence_proxy_async()
+                T.sync_threads(8 + w, 128)
+            T.wgmma_gemm(q_l, kl, acc_s, transpose_B=True, policy=ROW_POLICY, clear_accum=True)
+            if split_loads:
+                T.barrier_wait(full[parts * w + 1], i & 1)
+            T.wgmma_gemm(q_r, kr, acc_s, transpose_B=True, policy=ROW_POLICY)
+            if split_loads:
+                T.barrier_wait(full[parts * w + 2], i & 1)
+            T.wgmma_gemm(qp_s, kp, acc_s, transpose_B=True, policy=ROW_POLICY)
+            T.wait_wgmma(0)
+            T.warpgroup_fence_operand(acc_s, num_regs=BLOCK_M * BN // 128)
+            for r, c in T.Parallel(BLOCK_M, BN):
+                if causal:
+                    acc_s[r, c] = T.if_then_else(
+                        start + c <= T.min(kv_end - 1, shift + tok0 + r // H),
+                        acc_s[r, c] * scale_log2, -T.infinity(acc))
+                else:
+                    acc_s[r, c] = T.if_then_else(start + c < kv_end, acc_s[r, c] * scale_log2,
+                                                 -T.infinity(acc))
+            T.reduce_max(acc_s, m_blk, dim=1)
+            for r in T.Parallel(BLOCK_M):
+                m_blk[r] = T.max(m_blk[r], m_i[r])
+                # a row that has seen no key yet keeps m = -inf: use 0 as its offset
+                alpha[r] = T.exp2(m_i[r] - T.if_then_else(m_blk[r] == -T.infinity(acc), 0, m_blk[r]))
+                m_i[r] = m_blk[r]
+            for r, c in T.Parallel(BLOCK_M, BN):
+                acc_s[r, c] = T.exp2(acc_s[r, c] - T.if_then_else(
+                    m_i[r] == -T.infinity(acc), 0, m_i[r]))
+            T.reduce_sum(acc_s, l_blk, dim=1)
+            for r in T.Parallel(BLOCK_M):
+                l_i[r] = l_i[r] * alpha[r] + l_blk[r]
+            T.copy(acc_s, acc_p)
+            # the previous P (the other warpgroup's) was read by our P V, completed above
+            T.copy(acc_p, p_s)
+            for r in T.Parallel(BLOCK_M):
+                sm_s[r] = m_i[r]
+                sl_s[r] = l_i[r]
+                sa_s[r] = alpha[r]
+            T.fence_proxy_async()
+            T.barrier_arrive(ready[w])
+            for r, c in T.Parallel(BLOCK_M, HALF):
+                acc_o[r, c] *= alpha[r]
+            T.wgmma_gemm(acc_p, kl if w == 0 else kr, acc_o, policy=ROW_POLICY)
+
+        return own
+
+    def other_block(w: int):
+        """Block ``k`` (stage ``1 - w``) for warpgroup ``w``, which does not own it."""
+
+        @T.macro
+        def other(k, i, v_half, p_s, sm_s, sl_s, sa_s, empty, ready, acc_o, m_i, l_i, alpha):
+            T.wait_wgmma(0)  # our P V of block k - 1 (stage w)
+            if k > 0:
+                T.barrier_arrive(empty[w])
+            T.barrier_wait(ready[1 - w], i & 1)
+            for r in T.Parallel(BLOCK_M):
+                m_i[r] = sm_s[r]
+                l_i[r] = sl_s[r]
+                alpha[r] = sa_s[r]
+            T.warpgroup_fence_operand(acc_o, num_regs=BLOCK_M * HALF // 128)
+            for r, c in T.Parallel(BLOCK_M, HALF):
+                acc_o[r, c] *= alpha[r]
+            T.wgmma_gemm(p_s, v_half, acc_o, policy=ROW_POLICY)
+
+        return other
+
+    own0, own1 = own_block(0), own_block(1)
+    other0, other1 = other_block(0), other_block(1)
+
+    @T.macro
+    def epilogue(w, acc_o, m_i, l_i, lse_f, Out, Lse, PartO, PartLse, row0, part_row, i_m):
+        T.wait_wgmma(0)
+        T.warpgroup_fence_operand(acc_o, num_regs=BLOCK_M * HALF // 128)
+        for r, c in T.Parallel(BLOCK_M, HALF):
+            acc_o[r, c] = acc_o[r, c] / T.if_then_else(l_i[r] > 0, l_i[r], 1)
+        for r in T.Parallel(BLOCK_M):
+            lse_f[r] = T.if_then_else(l_i[r] > 0, (m_i[r] + T.log2(l_i[r])) * LN2, -T.infinity(acc))
+        if part_row < 0:
+            T.copy(acc_o, Out[row0:row0 + BLOCK_M, w * HALF:w * HALF + HALF])
+            if w == 0:
+                T.copy(lse_f, Lse[row0:row0 + BLOCK_M])
+        else:
+            prow = part_row + i_m * BLOCK_M
+            T.copy(acc_o, PartO[prow:prow + BLOCK_M, w * HALF:w * HALF + HALF])
+            if w == 0:
+                T.copy(lse_f, PartLse[prow:prow + BLOCK_M])
+
+    def load_stage(b: int):
+        """The producer's load of block ``k`` into stage ``b``."""
+
+        @T.macro
+        def load(k, i, kl, kr, kp, full, empty, slot, KV, KPE, kv_indices, page_base, kv_begin,
+                 n_blocks):
+            # the page lookup (dependent global loads) runs before the wait, not on the critical path
+            if k < n_blocks:
+                slot[0] = (kv_indices[page_base + (kv_begin + k * BN) // PAGE] * PAGE
+                           + (kv_begin + k * BN) % PAGE)
+            T.barrier_wait(empty[b], (i & 1) ^ 1)
+            if k < n_blocks:
+                if split_loads:
+                    T.tma_copy(KV[slot[0]:slot[0] + BN, 0:HALF], kl, barrier=full[parts * b],
+                               annotations={"emit_arrive": 1})
+                    T.tma_copy(KV[slot[0]:slot[0] + BN, HALF:D_CKV], kr, barrier=full[parts * b + 1],
+                               annotations={"emit_arrive": 1})
+                else:
+                    T.tma_copy(KV[slot[0]:slot[0] + BN, 0:HALF], kl, barrier=full[parts * b])
+                    T.tma_copy(KV[slot[0]:slot[0] + BN, HALF:D_CKV], kr, barrier=full[parts * b])
+                T.tma_copy(KPE[slot[0]:slot[0] + BN, :], kp, barrier=full[parts * b + parts - 1],
+                           annotations={"emit_arrive": 1})
+            else:
+                # a phantom block past the range (odd count): nothing to load, the owner masks it
+                # whole (P = 0, its V rows zeroed, the max unchanged: alpha = 1)
+                if T.shuffle_elect(128):
+                    for part in T.unroll(parts):
+                        T.barrier_arrive(full[parts * b + part])
+
+        return load
+
+    load0, load1 = load_stage(0), load_stage(1)
+
+    @T.prim_func
+    def decode(
+        Q: T.StridedTensor([rows, D_CKV], (s_qn, 1), dtype),
+        QP: T.StridedTensor([rows, D_KPE], (s_qp, 1), dtype),
+        KV: T.StridedTensor([slots, D_CKV], (s_kv, 1), dtype),
+        KPE: T.StridedTensor([slots, D_KPE], (s_kpe, 1), dtype),
+        kv_indices: T.Tensor([n_idx], "int32"),
+        qo_indptr: T.Tensor([batch1], "int32"),
+        kv_indptr: T.Tensor([batch1], "int32"),
+        kv_len: T.Tensor([batch], "int32"),
+        work_req: T.Tensor([work], "int32"),
+        work_kv_begin: T.Tensor([work], "int32"),
+        work_kv_end: T.Tensor([work], "int32"),
+        work_part_row: T.Tensor([work], "int32"),
+        Out: T.StridedTensor([rows, D_CKV], (s_o, 1), dtype),
+        Lse: T.Tensor([rows], acc),
+        PartO: T.Tensor([part_rows, D_CKV], acc),
+        PartLse: T.Tensor([part_rows], acc),
+        scale_log2: T.float32,
+        row_blocks: T.int32,
+    ):
+        with T.Kernel(row_blocks, work, threads=SEESAW_THREADS) as (i_m, i_w):
+            q_l = T.alloc_shared([BLOCK_M, HALF], dtype)
+            q_r = T.alloc_shared([BLOCK_M, HALF], dtype)
+            qp_s = T.alloc_shared([BLOCK_M, D_KPE], dtype)
+            kl0 = T.alloc_shared([BN, HALF], dtype)
+            kr0 = T.alloc_shared([BN, HALF], dtype)
+            kp0 = T.alloc_shared([BN, D_KPE], dtype)
+            kl1 = T.alloc_shared([BN, HALF], dtype)
+            kr1 = T.alloc_shared([BN, HALF], dtype)
+            kp1 = T.alloc_shared([BN, D_KPE], dtype)
+            p_s = T.alloc_shared([BLOCK_M, BN], dtype)
+            sm_s = T.alloc_shared([BLOCK_M], acc)
+            sl_s = T.alloc_shared([BLOCK_M], acc)
+            sa_s = T.alloc_shared([BLOCK_M], acc)
+
+            acc_o0 = T.alloc_fragment([BLOCK_M, HALF], acc)
+            acc_s0 = T.alloc_fragment([BLOCK_M, BN], acc)
+            acc_p0 = T.alloc_fragment([BLOCK_M, BN], dtype)
+            m_i0 = T.alloc_fragment([BLOCK_M], acc)
+            l_i0 = T.alloc_fragment([BLOCK_M], acc)
+            m_blk0 = T.alloc_fragment([BLOCK_M], acc)
+            l_blk0 = T.alloc_fragment([BLOCK_M], acc)
+            alpha0 = T.alloc_fragment([BLOCK_M], acc)
+            lse0 = T.alloc_fragment([BLOCK_M], acc)
+            acc_o1 = T.alloc_fragment([BLOCK_M, HALF], acc)
+            acc_s1 = T.alloc_fragment([BLOCK_M, BN], acc)
+            acc_p1 = T.alloc_fragment([BLOCK_M, BN], dtype)
+            m_i1 = T.alloc_fragment([BLOCK_M], acc)
+            l_i1 = T.alloc_fragment([BLOCK_M], acc)
+            m_blk1 = T.alloc_fragment([BLOCK_M], acc)
+            l_blk1 = T.alloc_fragment([BLOCK_M], acc)
+            alpha1 = T.alloc_fragment([BLOCK_M], acc)
+            lse1 = T.alloc_fragment([BLOCK_M], acc)
+
+            # scalars held in registers: a global re-read after every barrier wait (memory
+            # clobber) would sit on the critical path
+            sc = T.alloc_local([5], "int32")
+            slot = T.alloc_local([1], "int32")
+            bar_q = T.alloc_barrier([1])
+            full = T.alloc_barrier([1] * (2 * parts))
+            empty = T.alloc_barrier([256, 256])
+            ready = T.alloc_barrier([128, 128])
+
+            tx = T.get_thread_binding()
+            i_b = work_req[i_w]
+            q_begin = qo_indptr[T.max(i_b, 0)]
+            qo_len = qo_indptr[T.max(i_b, 0) + 1] - q_begin
+            if i_b >= 0 and i_m * BLOCK_M < qo_len * H:
+                sc[0] = work_kv_begin[i_w]
+                sc[1] = work_kv_end[i_w]
+                sc[2] = kv_indptr[i_b]
+                sc[3] = work_part_row[i_w]
+                sc[4] = kv_len[i_b] - qo_len  # causal: row r sees keys up to shift + its token
+                kv_begin = sc[0]
+                kv_end = sc[1]
+                page_base = sc[2]
+                part_row = sc[3]
+                shift = sc[4]
+                row0 = q_begin * H + i_m * BLOCK_M
+                tok0 = i_m * BLOCK_M // H
+                n_blocks = T.ceildiv(kv_end - kv_begin, BN)
+                n_pairs = T.ceildiv(n_blocks, 2)
+
+                if tx < 128:
+                    T.set_max_nreg(SEESAW_CONSUMER_REGS, 1)
+                    T.fill(acc_o0, 0)
+                    T.fill(l_i0, 0)
+                    T.fill(m_i0, -T.infinity(acc))
+                    T.barrier_wait(bar_q[0], 0)
+                    for i in T.serial(n_pairs):
+                        own0(2 * i, i, q_l, q_r, qp_s, kl0, kr0, kp0, p_s, sm_s, sl_s, sa_s, full,
+                             empty, ready, acc_s0, acc_p0, acc_o0, m_i0, l_i0, m_blk0, l_blk0, alpha0,
+                             kv_begin, kv_end, shift, tok0, scale_log2)
+                        other0(2 * i + 1, i, kl1, p_s, sm_s, sl_s, sa_s, empty, ready, acc_o0,
+                               m_i0, l_i0, alpha0)
+                    epilogue(0, acc_o0, m_i0, l_i0, lse0, Out, Lse, PartO, PartLse, row0, part_row, i_m)
+                elif tx >= 128 and tx < 256:
+                    T.set_max_nreg(SEESAW_CONSUMER_REGS, 1)
+                    T.fill(acc_o1, 0)
+                    T.fill(l_i1, 0)
+                    T.fill(m_i1, -T.infinity(acc))
+                    T.barrier_wait(bar_q[0], 0)
+                    for i in T.serial(n_pairs):
+                        other1(2 * i, i, kr0, p_s, sm_s, sl_s, sa_s, empty, ready, acc_o1,
+                               m_i1, l_i1, alpha1)
+                        own1(2 * i + 1, i, q_l, q_r, qp_s, kl1, kr1, kp1, p_s, sm_s, sl_s, sa_s,
+                             full, empty, ready, acc_s1, acc_p1, acc_o1, m_i1, l_i1, m_blk1,
+                             l_blk1, alpha1, kv_begin, kv_end, shift, tok0, scale_log2)
+                    epilogue(1, acc_o1, m_i1, l_i1, lse1, Out, Lse, PartO, PartLse, row0, part_row, i_m)
+                else:
+                    T.set_max_nreg(SEESAW_PRODUCER_REGS, 0)
+                    T.tma_copy(Q[row0:row0 + BLOCK_M, 0:HALF], q_l, barrier=bar_q[0])
+                    T.tma_copy(Q[row0:row0 + BLOCK_M, HALF:D_CKV], q_r, barrier=bar_q[0])
+                    T.tma_copy(QP[row0:row0 + BLOCK_M, :], qp_s, barrier=bar_q[0],
+                               annotations={"emit_arrive": 1})
+                    for i in T.serial(n_pairs):
+                        load0(2 * i, i, kl0, kr0, kp0, full, empty, slot, KV, KPE, kv_indices,
+                              page_base, kv_begin, n_blocks)
+                        load1(2 * i + 1, i, kl1, kr1, kp1, full, empty, slot, KV, KPE, kv_indices,
+                              page_base, kv_begin, n_blocks)
+
+    return decode
+
+
+def _target():
+    # OPENMLA_TILELANG_ARCH compiles without a GPU (CPU checks of the generated code)
+    arch = os.environ.get("OPENMLA_TILELANG_ARCH")
+    return {"kind": "cuda", "arch": arch} if arch else "cuda"
+
+
+def _backend() -> str:
+    return "tvm_ffi"
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor | None:
+    """``[A, B, W]`` as a ``[A * B, W]`` view (rows at a fixed stride), or None when it is not one."""
+    a, b, w = t.shape
+    if t.stride(2) != 1 or (a > 1 and t.stride(0) != b * t.stride(1)):
+        return None
+    if (t.stride(1) * t.element_size()) % 16 or t.data_ptr() % 16:  # TMA: 16-byte strides
+        return None
+    return t.as_strided((a * b, w), (t.stride(1), 1))
+
+
+def tilelang_views_ok(q_nope, q_pe, ckv_cache, kpe_cache, out, lse, kv_indices) -> bool:
+    """Whether the tensors can be addressed as the kernel's flat row arrays (int32 page ids)."""
+    if kpe_cache is None or kv_indices.dtype != torch.int32 or lse.stride(0) != lse.shape[1] * lse.stride(1) or lse.stride(1) != 1:
+        return False
+    return all(_rows(t) is not None for t in (q_nope, q_pe, ckv_cache, kpe_cache, out))
+
+
+def launch_decode_tilelang(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    ckv_cache: torch.Tensor,
+    kpe_cache: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    part_o: torch.Tensor,
+    part_lse: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_len: torch.Tensor,
+    work_req: torch.Tensor,
+    work_kv_begin: torch.Tensor,
+    work_kv_end: torch.Tensor,
+    work_part_row: torch.Tensor,
+    sm_scale: float,
+    causal: bool,
+    row_blocks: int,
+    **variant,
+) -> None:
+    """Launch over ``[T, H, *]`` queries/output, ``[T, H]`` lse and ``[P, page, *]`` caches for
+    which :func:`tilelang_views_ok` holds."""
+    num_heads = q_nope.shape[1]
+    page_size = ckv_cache.shape[1]
+    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[q_nope.dtype]
+    kernel = build_kernel(num_heads, page_size, dtype, bool(causal), **variant)
+    kernel(_rows(q_nope), _rows(q_pe), _rows(ckv_cache), _rows(kpe_cache), kv_indices, qo_indptr,
+           kv_indptr, kv_len, work_req, work_kv_begin, work_kv_end, work_part_row, _rows(out),
+           lse.view(-1), part_o, part_lse, float(sm_scale * LOG2E), int(row_blocks))

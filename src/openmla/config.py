@@ -171,3 +171,16 @@ def reduce_candidates(splits: int, heads: int, d: int) -> tuple[ReduceConfig, ..
                     if warps in (1, 2, 4, 8) and tile >= 128 * warps:
                         found.append(ReduceConfig(block_h, block_d, block_s, warps, stages))
     return tuple(dict.fromkeys(found))
+
+
+DECODE_BACKENDS = ("auto", "triton", "tilelang")
+
+
+def env_decode_backend() -> str:
+    """``OPENMLA_DECODE_BACKEND``: ``auto`` (default: TileLang for 64-row tiles on Hopper when
+    installed, else Triton), ``triton`` or ``tilelang`` (A/B runs; an error where TileLang
+    cannot serve the plan)."""
+    value = os.environ.get("OPENMLA_DECODE_BACKEND") or "auto"
+    if value not in DECODE_BACKENDS:
+        raise ValueError(f"OPENMLA_DECODE_BACKEND must be one of {DECODE_BACKENDS}, got {value!r}")
+    return value

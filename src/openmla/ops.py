@@ -15,7 +15,7 @@ import torch
 
 from openmla.config import DecodeConfig
 from openmla.kernels.decode import KV_FP8_DS_MLA, KV_FP8_TENSOR, launch_decode
-from openmla.kernels.decode_tilelang import launch_decode_tilelang, tilelang_views_ok
+from openmla.kernels.decode_tilelang import launch_decode_tilelang
 from openmla.kernels.merge import launch_merge
 
 BACKEND_TRITON = 0
@@ -108,12 +108,11 @@ def run_planned_decode(
     plan has requests of many pieces, the merge kernel. ``BACKEND_TILELANG`` plans merge every
     split request in the merge kernel, so the Triton kernel can stand in for the TileLang one
     (queries or output whose rows cannot be addressed as one flat array)."""
-    if backend == BACKEND_TILELANG and tilelang_views_ok(q_nope, q_pe, ckv_cache, kpe_cache, out, lse, kv_indices):
-        launch_decode_tilelang(
-            q_nope, q_pe, ckv_cache, kpe_cache, out, lse, part_o, part_lse, arrays.qo_indptr,
-            arrays.kv_indptr, kv_indices, arrays.kv_len, arrays.work_req, arrays.work_kv_begin,
-            arrays.work_kv_end, arrays.work_part_row, sm_scale, causal, row_blocks)
-    else:
+    launched = backend == BACKEND_TILELANG and launch_decode_tilelang(
+        q_nope, q_pe, ckv_cache, kpe_cache, out, lse, part_o, part_lse, arrays.qo_indptr,
+        arrays.kv_indptr, kv_indices, arrays.kv_len, arrays.work_req, arrays.work_kv_begin,
+        arrays.work_kv_end, arrays.work_part_row, sm_scale, causal, row_blocks)
+    if not launched:
         _launch_triton_decode(q_nope, q_pe, ckv_cache, kpe_cache, scales, kv_format, kv_indices, arrays,
                               part_o, part_lse, out, lse, counters, sm_scale, causal, row_blocks, config)
     if not merge_kernel:

@@ -129,8 +129,8 @@ class BatchMLAPagedAttentionWrapper:
     def _backend(self, num_heads: int, page_size: int, kv_format: int,
                  decode_config: _config.DecodeConfig | None) -> int:
         """TileLang for 64-row tiles on Hopper when it is installed, else Triton (see
-        ``decode_tilelang.env_backend`` for the override)."""
-        choice = decode_tilelang.env_backend()
+        ``config.env_decode_backend`` for the override)."""
+        choice = _config.env_decode_backend()
         if choice == "triton" or decode_config is not None:
             return BACKEND_TRITON
         ok = decode_tilelang.supports(num_heads, page_size, kv_format, self._device)

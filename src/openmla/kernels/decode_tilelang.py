@@ -40,19 +40,6 @@ LN2 = 0.6931471805599453
 PLAN_CONFIG = DecodeConfig(block_m=BLOCK_M, block_n=BLOCK_N, num_warps=8, num_stages=2)
 
 
-DECODE_BACKENDS = ("auto", "triton", "tilelang")
-
-
-def env_backend() -> str:
-    """``OPENMLA_DECODE_BACKEND``: ``auto`` (default: TileLang for 64-row tiles on Hopper when
-    installed, else Triton), ``triton`` or ``tilelang`` (A/B runs; an error where TileLang
-    cannot serve the plan)."""
-    value = os.environ.get("OPENMLA_DECODE_BACKEND") or "auto"
-    if value not in DECODE_BACKENDS:
-        raise ValueError(f"OPENMLA_DECODE_BACKEND must be one of {DECODE_BACKENDS}, got {value!r}")
-    return value
-
-
 @functools.cache
 def tilelang_available() -> bool:
     try:
@@ -558,13 +545,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor | None:
     return t.as_strided((a * b, w), (t.stride(1), 1))
 
 
-def tilelang_views_ok(q_nope, q_pe, ckv_cache, kpe_cache, out, lse, kv_indices) -> bool:
-    """Whether the tensors can be addressed as the kernel's flat row arrays (int32 page ids)."""
-    if kpe_cache is None or kv_indices.dtype != torch.int32 or lse.stride(0) != lse.shape[1] * lse.stride(1) or lse.stride(1) != 1:
-        return False
-    return all(_rows(t) is not None for t in (q_nope, q_pe, ckv_cache, kpe_cache, out))
-
-
 def launch_decode_tilelang(
     q_nope: torch.Tensor,
     q_pe: torch.Tensor,
@@ -586,13 +566,20 @@ def launch_decode_tilelang(
     causal: bool,
     row_blocks: int,
     **variant,
-) -> None:
-    """Launch over ``[T, H, *]`` queries/output, ``[T, H]`` lse and ``[P, page, *]`` caches for
-    which :func:`tilelang_views_ok` holds."""
+) -> bool:
+    """Launch over ``[T, H, *]`` queries/output, ``[T, H]`` lse and ``[P, page, *]`` caches;
+    returns False, launching nothing, when they cannot be addressed as the kernel's flat row
+    arrays (rows not at one 16-byte stride, a strided lse, int64 page ids)."""
+    views = [_rows(t) for t in (q_nope, q_pe, ckv_cache, kpe_cache, out)]
+    if (any(v is None for v in views) or kv_indices.dtype != torch.int32
+            or lse.stride(1) != 1 or lse.stride(0) != lse.shape[1]):
+        return False
     num_heads = q_nope.shape[1]
     page_size = ckv_cache.shape[1]
     dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[q_nope.dtype]
     kernel = build_kernel(num_heads, page_size, dtype, bool(causal), **variant)
-    kernel(_rows(q_nope), _rows(q_pe), _rows(ckv_cache), _rows(kpe_cache), kv_indices, qo_indptr,
-           kv_indptr, kv_len, work_req, work_kv_begin, work_kv_end, work_part_row, _rows(out),
-           lse.view(-1), part_o, part_lse, float(sm_scale * LOG2E), int(row_blocks))
+    qn, qp, ckv, kpe, out_rows = views
+    kernel(qn, qp, ckv, kpe, kv_indices, qo_indptr, kv_indptr, kv_len, work_req, work_kv_begin,
+           work_kv_end, work_part_row, out_rows, lse.view(-1), part_o, part_lse,
+           float(sm_scale * LOG2E), int(row_blocks))
+    return True

@@ -4,9 +4,10 @@
 
 Each variant is timed as the kernel alone (``do_bench`` median over the rotated page tables of
 bench_decode.py), on the plan ``BatchMLAPagedAttentionWrapper`` makes, after a check against
-the float32 reference on the first rotation. Variants: the shipped kernel, the hand-scheduled
-"seesaw" schedule (softmax of one warpgroup under the other's MMAs), fast math (approximate
-exp2/log2), BLOCK_N 32 with 3 and 4 stages, and pinned split counts (1, 2, 4 pieces a request).
+the float32 reference on the first rotation. Variants: the shipped kernel (the hand-scheduled
+"seesaw" schedule: softmax of one warpgroup under the other's MMAs), "seesaw_split", TileLang's
+automatic warp specialisation, fast math (approximate exp2/log2), BLOCK_N 32 with 3 and 4 stages,
+and pinned split counts.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from openmla.kernels.merge import launch_merge
 from openmla.workloads import WORKLOADS, make_device_batch, plan_args
 
 VARIANTS = {
-    "shipped": {"schedule": "default"},
-    "seesaw": {"schedule": "seesaw"},
+    "shipped": {},
+    "seesaw-split": {"schedule": "seesaw_split"},
+    "auto-ws": {"schedule": "auto_ws"},
     "fast-math": {"fast_math": True},
-    "bn32-s3": {"block_n": 32, "num_stages": 3},
-    "bn32-s4": {"block_n": 32, "num_stages": 4},
+    "auto-ws-bn32-s3": {"schedule": "auto_ws", "block_n": 32, "num_stages": 3},
+    "auto-ws-bn32-s4": {"schedule": "auto_ws", "block_n": 32, "num_stages": 4},
 }
 
 
@@ -63,6 +65,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", default="W2,W3")
     ap.add_argument("--rotations", type=int, default=3)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ",".join(VARIANTS))
+    ap.add_argument("--splits", default="auto,1,2", help="split counts for the shipped variant")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     rows = []
@@ -72,14 +76,16 @@ def main() -> int:
         ref = reference(b, torch.float32)
         out = torch.empty_like(b.q_nope)
         lse = torch.empty(b.q_nope.shape[:2], dtype=torch.float32, device="cuda")
-        for splits in (None, 1, 2):
+        split_list = [None if x == "auto" else int(x) for x in args.splits.split(",")]
+        for splits in split_list:
             wrappers = []
             for r in range(args.rotations):
                 w = BatchMLAPagedAttentionWrapper(torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda"))
                 w.plan(*plan_args(b, r), num_splits=splits)
                 wrappers.append(w)
             assert wrappers[0].backend == "tilelang", f"{name} did not plan the TileLang path"
-            for vname, variant in VARIANTS.items() if splits is None else [("shipped", VARIANTS["shipped"])]:
+            chosen = [(v, VARIANTS[v]) for v in args.variants.split(",")]
+            for vname, variant in chosen if splits is None else [("shipped", VARIANTS["shipped"])]:
                 fns = [launcher(w, b, out, lse, variant) for w in wrappers]
                 try:
                     fns[0]()

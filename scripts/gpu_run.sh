@@ -24,4 +24,8 @@ python3 benchmarks/bench_reduce.py --json "$OUT/bench_reduce.json" 2>&1 | tee "$
   | tail -n 4 || status=1
 python3 benchmarks/bench_decode.py --out "$OUT" --results "$OUT/decode_results.csv" "${bench_args[@]}" \
   2>&1 | tee "$OUT/bench.log" || status=1
+if [[ -f "$OUT/gpu_tests.log" ]]; then
+  echo "GPU tests: $(grep -E '(passed|failed|error)' "$OUT/gpu_tests.log" | tail -n 1)"
+  grep -E '^(FAILED|ERROR)' "$OUT/gpu_tests.log" | head -n 20
+fi
 exit $status

@@ -32,7 +32,7 @@ _LAZY = {
     "FP8_MAX": "openmla.fp8",
 }
 
-__all__ = [*_LAZY, "__version__"]
+__all__ = [*_LAZY.keys(), "__version__"]  # noqa: PLE0604 - the names of the lazy table
 
 
 def __getattr__(name: str) -> Any:

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         out = torch.empty_like(b.q_nope)
         lse = torch.empty(b.q_nope.shape[:2], dtype=torch.float32, device=device)
 
-        def run() -> None:
+        def run(wrapper=wrapper, b=b, out=out, lse=lse) -> None:
             wrapper.run(b.q_nope, b.q_pe, b.ckv_cache, b.kpe_cache, out=out, lse=lse)
 
         step += 1

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from openmla.config import DecodeConfig
+from openmla.config import DecodeConfig, ReduceConfig
 from openmla.kernels.decode import KV_FP8_DS_MLA, KV_FP8_TENSOR, launch_decode
 from openmla.kernels.decode_tilelang import launch_decode_tilelang
 from openmla.kernels.merge import launch_merge
@@ -103,11 +103,13 @@ def run_planned_decode(
     config: DecodeConfig,
     merge_kernel: bool,
     backend: int = BACKEND_TRITON,
+    merge_config: ReduceConfig | None = None,
 ) -> None:
     """Launch the split-KV decode (which merges requests of few pieces itself), then, when the
     plan has requests of many pieces, the merge kernel. ``BACKEND_TILELANG`` plans merge every
     split request in the merge kernel, so the Triton kernel can stand in for the TileLang one
-    (queries or output whose rows cannot be addressed as one flat array)."""
+    (queries or output whose rows cannot be addressed as one flat array). ``merge_config``: the
+    merge kernel's launch config (None: the fixed batch-independent one)."""
     launched = backend == BACKEND_TILELANG and launch_decode_tilelang(
         q_nope, q_pe, ckv_cache, kpe_cache, out, lse, part_o, part_lse, arrays.qo_indptr,
         arrays.kv_indptr, kv_indices, arrays.kv_len, arrays.work_req, arrays.work_kv_begin,
@@ -125,6 +127,7 @@ def run_planned_decode(
         tok_part_row=arrays.tok_part_row,
         tok_num_parts=arrays.tok_num_parts,
         tok_part_stride=arrays.tok_part_stride,
+        config=merge_config,
     )
 
 
@@ -179,7 +182,8 @@ def paged_decode(
     launch: list[int],
 ) -> None:
     """``sizes = [batch, work_capacity, token_capacity, partial_rows, row_blocks, merge_kernel,
-    backend]``; ``launch = [block_m, block_n, num_warps, num_stages]``."""
+    backend]``; ``launch = [block_m, block_n, num_warps, num_stages]`` (the decode) followed by
+    the merge kernel's ``[block_h, block_d, block_s, num_warps, num_stages]``."""
     batch, work_cap, tok_cap, rows, row_blocks, merge_kernel, backend = sizes
     part_o, part_lse = slice_workspace(workspace, rows, q_nope.shape[-1])
     ckv, kpe, scales = kv_views(kv_format, ckv_cache, kpe_cache, kv_scale)
@@ -200,9 +204,10 @@ def paged_decode(
         sm_scale,
         causal,
         row_blocks,
-        DecodeConfig(*launch),
+        DecodeConfig(*launch[:4]),
         bool(merge_kernel),
         backend,
+        ReduceConfig(*launch[4:]),
     )
 
 

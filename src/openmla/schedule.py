@@ -55,6 +55,7 @@ class Schedule:
     part_rows: int  # fp32 partial rows used in the workspace
     split_requests: int
     merge_kernel_tokens: int  # query tokens the separate merge kernel handles
+    merge_kernel_pieces: int  # the most pieces the merge kernel merges for one token
 
     @property
     def num_pieces(self) -> int:
@@ -184,6 +185,7 @@ def build_schedule(
         part_rows=next_row,
         split_requests=sum(1 for s in splits if s > 1),
         merge_kernel_tokens=sum(1 for n in tok_num_parts if n),
+        merge_kernel_pieces=max(tok_num_parts, default=0),
     )
 
 

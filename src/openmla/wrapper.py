@@ -10,6 +10,7 @@ same batch size rewrite the arrays in place, so a captured ``run()`` replays cor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from openmla.ops import (
     slice_workspace,
 )
 from openmla.schedule import TILELANG_SCHEDULE, build_schedule, cdiv, deterministic_pieces, work_capacity
+from openmla.tuning import decode_reduce_config, reduce_config
 from openmla.validation import (
     ATTN_DTYPES,
     INDEX_DTYPES,
@@ -64,6 +66,7 @@ class _Plan:
     arrays: PlanArrays
     sizes: list[int]  # [batch, work_capacity, token_capacity, partial_rows, row_blocks, merge_kernel]
     config: _config.DecodeConfig
+    merge_config: _config.ReduceConfig  # the merge kernel's launch config
     num_pieces: int
     num_split_requests: int
 
@@ -298,6 +301,12 @@ class BatchMLAPagedAttentionWrapper:
         if self._counters is None or self._counters.numel() < batch * row_blocks:
             # arrival counters of the in-kernel merge; every launch leaves them at zero again
             self._counters = torch.zeros(max(1, batch * row_blocks), dtype=torch.int32, device=self._device)
+        if deterministic or self._use_cuda_graph:
+            # fixed by heads alone: bitwise batch invariance, and a graph's baked-in launch
+            merge_config = decode_reduce_config(num_heads, D_CKV, self._device)
+        else:
+            merge_config = reduce_config(max(sched.merge_kernel_tokens, 1), num_heads, D_CKV,
+                                         max(sched.merge_kernel_pieces, 2), self._device)
         self._plan = _Plan(
             batch=batch, num_tokens=num_tokens, num_heads=num_heads, page_size=page_size,
             causal=bool(causal), sm_scale=float(sm_scale), q_dtype=q_data_type,
@@ -305,7 +314,7 @@ class BatchMLAPagedAttentionWrapper:
             arrays=slice_meta(self._meta, batch, cap, tok_cap),
             sizes=[batch, cap, tok_cap, self._part_rows_capacity, row_blocks,
                    int(self._use_cuda_graph or sched.merge_kernel_tokens > 0), backend], config=cfg,
-            num_pieces=sched.num_pieces, num_split_requests=sched.split_requests,
+            merge_config=merge_config, num_pieces=sched.num_pieces, num_split_requests=sched.split_requests,
         )
 
     def _device_indices(self, kv_indices: torch.Tensor, qo_indptr: torch.Tensor,
@@ -394,13 +403,13 @@ class BatchMLAPagedAttentionWrapper:
         if torch.compiler.is_compiling():
             paged_decode(q_nope, q_pe, ckv_cache, kpe_cache, scale_t, p.kv_format, p.kv_indices,
                          self._meta, self._workspace, self._counters, out, lse, p.sizes, p.sm_scale,
-                         p.causal, [p.config.block_m, p.config.block_n, p.config.num_warps,
-                                    p.config.num_stages])
+                         p.causal, [*dataclasses.astuple(p.config), *dataclasses.astuple(p.merge_config)])
         else:
             ckv, kpe, scales = kv_views(p.kv_format, ckv_cache, kpe_cache, scale_t)
             run_planned_decode(q_nope, q_pe, ckv, kpe, scales, p.kv_format, p.kv_indices, p.arrays,
                                self._part_o, self._part_lse, out, lse, self._counters, p.sm_scale,
-                               p.causal, p.sizes[4], p.config, bool(p.sizes[5]), p.sizes[6])
+                               p.causal, p.sizes[4], p.config, bool(p.sizes[5]), p.sizes[6],
+                               p.merge_config)
         return (out, lse) if return_lse else out
 
     def _check_caches(self, p: _Plan, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor | None) -> int:

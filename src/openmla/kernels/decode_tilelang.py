@@ -540,11 +540,12 @@ def _backend() -> str:
 def _rows(t: torch.Tensor) -> torch.Tensor | None:
     """``[A, B, W]`` as a ``[A * B, W]`` view (rows at a fixed stride), or None when it is not one."""
     a, b, w = t.shape
-    if t.stride(2) != 1 or (a > 1 and t.stride(0) != b * t.stride(1)):
+    s0, s1, s2 = t.stride()
+    if s2 != 1 or (a > 1 and s0 != b * s1):
         return None
-    if (t.stride(1) * t.element_size()) % 16 or t.data_ptr() % 16:  # TMA: 16-byte strides
+    if (s1 * t.element_size()) % 16 or t.data_ptr() % 16:  # TMA: 16-byte strides
         return None
-    return t.as_strided((a * b, w), (t.stride(1), 1))
+    return t.as_strided((a * b, w), (s1, 1))
 
 
 def launch_decode_tilelang(
@@ -573,8 +574,7 @@ def launch_decode_tilelang(
     returns False, launching nothing, when they cannot be addressed as the kernel's flat row
     arrays (rows not at one 16-byte stride, a strided lse, int64 page ids)."""
     views = [_rows(t) for t in (q_nope, q_pe, ckv_cache, kpe_cache, out)]
-    if (any(v is None for v in views) or kv_indices.dtype != torch.int32
-            or lse.stride(1) != 1 or lse.stride(0) != lse.shape[1]):
+    if any(v is None for v in views) or kv_indices.dtype != torch.int32 or lse.stride() != (lse.shape[1], 1):
         return False
     num_heads = q_nope.shape[1]
     page_size = ckv_cache.shape[1]

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from openmla._interp import is_interpreting
 from openmla.config import ReduceConfig
+from openmla.kernels.launch import launch
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -140,28 +141,15 @@ def _launch(part_o, part_lse, out, lse, tok_arrays, num_tokens: int, dense_parts
     if grid == 0:
         return
     pdl = use_pdl(out.device)
-    _merge_kernel[(grid,)](
-        part_o,
-        part_lse,
-        out,
-        lse,
-        *tok_arrays,
-        num_tokens,
-        num_heads,
-        dense_parts,
-        out.stride(0),
-        out.stride(1),
-        lse.stride(0),
-        D=d,
-        DENSE=dense_parts > 0,
-        BLOCK_H=block_h,
-        BLOCK_D=block_d,
-        BLOCK_S=config.block_s,
-        NUM_STAGES=config.num_stages,
-        USE_PDL=pdl,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        **({"launch_pdl": True} if pdl else {}),
+    s_out = out.stride()
+    launch(
+        _merge_kernel,
+        (grid,),
+        (part_o, part_lse, out, lse, *tok_arrays, num_tokens, num_heads, dense_parts, s_out[0], s_out[1],
+         lse.stride(0)),
+        dict(D=d, DENSE=dense_parts > 0, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_S=config.block_s,
+             NUM_STAGES=config.num_stages, USE_PDL=pdl, num_warps=config.num_warps,
+             num_stages=config.num_stages, **({"launch_pdl": True} if pdl else {})),
     )
 
 

@@ -1,0 +1,55 @@
+"""The direct Triton launch path (``openmla.kernels.launch``): its cache key separates every
+specialisation the JIT makes, and launches that reuse a recorded kernel give the JIT's results,
+also when a later call's tensors differ in alignment or stride from the recorded one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openmla import BatchMLAPagedAttentionWrapper
+from openmla.kernels import launch as fast
+from openmla.testing import assert_attention_close, make_paged_case, nan_like
+
+
+def _dummy_kernel() -> None: ...
+
+
+def test_key_separates_alignment_dtype_and_values() -> None:
+    buf = torch.zeros(64, dtype=torch.float32)
+    key = fast._key(_dummy_kernel, (buf[0:], 3), {"BLOCK": 16})
+    assert key == fast._key(_dummy_kernel, (buf[4:], 3), {"BLOCK": 16})  # 16 bytes further: same
+    assert key != fast._key(_dummy_kernel, (buf[1:], 3), {"BLOCK": 16})  # 4-byte aligned only
+    assert key != fast._key(_dummy_kernel, (buf.to(torch.float16), 3), {"BLOCK": 16})
+    assert key != fast._key(_dummy_kernel, (buf, 1), {"BLOCK": 16})  # ints specialise on 1 and % 16
+    assert key != fast._key(_dummy_kernel, (buf, 3), {"BLOCK": 32})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, page, splits", [(16, 64, None), (16, 16, 24), (8, 1, 4)])
+def test_recorded_launch_matches_reference(heads: int, page: int, splits: int | None,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENMLA_DECODE_BACKEND", "triton")
+    fast.clear()
+    cuda = torch.device("cuda")
+    wrapper = BatchMLAPagedAttentionWrapper(torch.empty(64 << 20, dtype=torch.uint8, device=cuda))
+    for seed in range(3):  # the first call records; the others take the direct path
+        case = make_paged_case([700, 0, 129, 2048], heads, page, device=cuda, seed=seed)
+        wrapper.plan(*case.plan_args(), num_splits=splits)
+        out = nan_like(case.q_nope)
+        lse = torch.full(case.q_nope.shape[:2], float("nan"), device=cuda)
+        wrapper.run(*case.run_args(), out=out, lse=lse, return_lse=True)
+        torch.cuda.synchronize()
+        assert_attention_close(out, lse, case.reference(), case.lowp_reference())
+    assert fast._CACHE, "no launch was recorded"
+    # queries at an odd element offset (2-byte aligned) and output rows at a wider stride:
+    # another specialisation, compiled and recorded beside the first
+    wide = torch.full((case.q_nope.shape[0], heads, 512 + 8), float("nan"), dtype=torch.bfloat16, device=cuda)
+    q_nope = wide[:, :, 1:513]
+    q_nope.copy_(case.q_nope)
+    out_buf = nan_like(wide)
+    out = out_buf[:, :, :512]
+    lse = torch.full(case.q_nope.shape[:2], float("nan"), device=cuda)
+    wrapper.run(q_nope, case.q_pe, case.ckv_cache, case.kpe_cache, out=out, lse=lse, return_lse=True)
+    torch.cuda.synchronize()
+    assert_attention_close(out, lse, case.reference(), case.lowp_reference())

@@ -1,0 +1,62 @@
+"""The automatic split schedule on its own (host-side, no kernels): pieces fit one wave of the
+target, the chunk is the smallest that does, and every token is covered exactly once."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from openmla.config import DEFAULT_SCHEDULE
+from openmla.schedule import _fit_chunk, _target_pieces, build_schedule, cdiv
+
+SMS = 132
+
+
+def _plan(kv_lens: list[int], heads: int = 16, block_n: int = 32):
+    return build_schedule([1] * len(kv_lens), kv_lens, heads, block_n, 1, SMS, 10**9, 10**5, 10**5)
+
+
+def _pieces(sched) -> list[tuple[int, int, int]]:
+    return [(r, b, e) for r, b, e in zip(sched.work_req, sched.work_kv_begin, sched.work_kv_end) if r >= 0]
+
+
+@pytest.mark.parametrize("kv_lens", [
+    [131072] + [1024] * 31,  # W7: cut at 640, 267 pieces for 264 slots (a trailing wave of stubs)
+    [8192] * 64,  # W8 shape: cut at 2016, 320 pieces
+    [4096] * 128,  # W6 shape: cut at 2016, 384 pieces
+    [4096] * 64,  # W1
+    [65536] * 8,  # W4
+])
+def test_pieces_fit_one_wave_with_the_smallest_chunk(kv_lens: list[int]) -> None:
+    target = _target_pieces(SMS, 1, DEFAULT_SCHEDULE)
+    sched = _plan(kv_lens)
+    pieces = _pieces(sched)
+    assert len(pieces) <= target
+    longest = max(e - b for _, b, e in pieces)
+    # one block_n less would need more pieces than the wave holds (or go below the floor)
+    smaller = longest - 32
+    floor = max(DEFAULT_SCHEDULE.min_chunk, cdiv(sum(kv_lens), target))
+    assert smaller < floor or sum(cdiv(n, smaller) for n in kv_lens) > target
+
+
+def test_every_token_is_covered_once() -> None:
+    rng = random.Random(7)
+    for _ in range(50):
+        kv_lens = [rng.choice([0, 1, 31, 300, 1024, 5000, 70000]) for _ in range(rng.randint(1, 40))]
+        sched = _plan(kv_lens)
+        covered: dict[int, list[tuple[int, int]]] = {}
+        for r, b, e in _pieces(sched):
+            assert b % 32 == 0 and b < e or (b == e == 0 and kv_lens[r] == 0)
+            covered.setdefault(r, []).append((b, e))
+        for r, n in enumerate(kv_lens):
+            spans = sorted(covered[r])
+            assert spans[0][0] == 0 and spans[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_fit_chunk_is_monotone_search() -> None:
+    lens = [131072] + [1024] * 31
+    assert _fit_chunk(lens, 264, 32, 617) == 672
+    assert _fit_chunk(lens, 10**6, 32, 1) == 32  # any chunk fits: the floor
+    assert _fit_chunk([100], 1, 32, 1) == 128  # one piece: the request rounded up to block_n

@@ -3,6 +3,7 @@ target, the chunk is the smallest that does, and every token is covered exactly 
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -52,7 +53,7 @@ def test_every_token_is_covered_once() -> None:
         for r, n in enumerate(kv_lens):
             spans = sorted(covered[r])
             assert spans[0][0] == 0 and spans[-1][1] == n
-            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
 
 
 def test_fit_chunk_is_monotone_search() -> None:

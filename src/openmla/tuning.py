@@ -134,13 +134,19 @@ def reduce_config(tokens: int, heads: int, d: int, splits: int, device: torch.de
     return _cuda_config(index, tokens, heads, d, splits)
 
 
-# The decode's merge kernel sees few long requests of more than INLINE_MERGE_MAX pieces; it is
-# looked up at this fixed key so its config never depends on the batch (batch invariance).
+# Deterministic plans and CUDA graphs look the decode's merge up at a fixed key, so its config
+# never depends on the batch (batch invariance). The Triton decode's merge kernel sees few long
+# requests of more than INLINE_MERGE_MAX pieces; the TileLang decode sends it every split request,
+# mostly a few pieces each (W1 at 64 heads merged in 40.8 us at the Triton key, 6.2 us at its own).
 DECODE_REDUCE_TOKENS = 4
 DECODE_REDUCE_SPLITS = 2 * INLINE_MERGE_MAX
+TILELANG_REDUCE_TOKENS = 64
+TILELANG_REDUCE_SPLITS = 2
 
 
-def decode_reduce_config(heads: int, d: int, device: torch.device) -> ReduceConfig:
+def decode_reduce_config(heads: int, d: int, device: torch.device, tilelang: bool = False) -> ReduceConfig:
+    if tilelang:
+        return reduce_config(TILELANG_REDUCE_TOKENS, heads, d, TILELANG_REDUCE_SPLITS, device)
     return reduce_config(DECODE_REDUCE_TOKENS, heads, d, DECODE_REDUCE_SPLITS, device)
 
 

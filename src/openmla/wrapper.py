@@ -257,7 +257,8 @@ class BatchMLAPagedAttentionWrapper:
             cfg, sched_cfg, inline_max = decode_tilelang.PLAN_CONFIG, TILELANG_SCHEDULE, 0
         else:
             # In deterministic mode the tile shape must not depend on the batch: size it by heads.
-            cfg = decode_config or _config.decode_config(num_heads if deterministic else max_rows, page_size,
+            rows_key = _config.deterministic_rows(num_heads, kv_format) if deterministic else max_rows
+            cfg = decode_config or _config.decode_config(rows_key, page_size,
                                                             kv_format)
             sched_cfg, inline_max = _config.DEFAULT_SCHEDULE, _config.INLINE_MERGE_MAX
         row_blocks = max(1, cdiv(max_rows, cfg.block_m))
@@ -303,7 +304,7 @@ class BatchMLAPagedAttentionWrapper:
             self._counters = torch.zeros(max(1, batch * row_blocks), dtype=torch.int32, device=self._device)
         if deterministic or self._use_cuda_graph:
             # fixed by heads alone: bitwise batch invariance, and a graph's baked-in launch
-            merge_config = decode_reduce_config(num_heads, D_CKV, self._device)
+            merge_config = decode_reduce_config(num_heads, D_CKV, self._device, backend == BACKEND_TILELANG)
         else:
             merge_config = reduce_config(max(sched.merge_kernel_tokens, 1), num_heads, D_CKV,
                                          max(sched.merge_kernel_pieces, 2), self._device)

@@ -95,15 +95,6 @@ def deterministic_chunk(num_heads: int) -> int:
     return DETERMINISTIC_CHUNK * max(1, num_heads // 32)
 
 
-def deterministic_rows(num_heads: int, kv_format: int = 0) -> int:
-    """The tile rows a deterministic plan is configured for (never the batch's qo_len): for a
-    16-bit cache, two query tokens' worth below 32 heads, so MTP decode (2 tokens x 16 heads)
-    runs one row block instead of two that each read the KV (H100: W5 196 -> 144 us, W1 131 ->
-    139 us). fp8 caches keep the head count (a 32-row fp8 tile doubled W8's time)."""
-    if kv_format or num_heads >= 32:
-        return num_heads
-    return min(2 * num_heads, 32)
-
 # A split request with at most this many pieces is merged inside the decode kernel by its last
 # piece; more pieces (one long request among short ones, W7) go to the merge kernel, which
 # spreads one request's merge over many programs. H100, 2026-11-21: the separate merge cost

@@ -257,8 +257,7 @@ class BatchMLAPagedAttentionWrapper:
             cfg, sched_cfg, inline_max = decode_tilelang.PLAN_CONFIG, TILELANG_SCHEDULE, 0
         else:
             # In deterministic mode the tile shape must not depend on the batch: size it by heads.
-            rows_key = _config.deterministic_rows(num_heads, kv_format) if deterministic else max_rows
-            cfg = decode_config or _config.decode_config(rows_key, page_size,
+            cfg = decode_config or _config.decode_config(num_heads if deterministic else max_rows, page_size,
                                                             kv_format)
             sched_cfg, inline_max = _config.DEFAULT_SCHEDULE, _config.INLINE_MERGE_MAX
         row_blocks = max(1, cdiv(max_rows, cfg.block_m))

@@ -51,7 +51,7 @@ def launcher(w: BatchMLAPagedAttentionWrapper, b, out, lse, variant: dict):
         if p.sizes[5]:
             launch_merge(part_o=w._part_o, part_lse=w._part_lse, out=out, lse=lse,
                          tok_part_row=a.tok_part_row, tok_num_parts=a.tok_num_parts,
-                         tok_part_stride=a.tok_part_stride)
+                         tok_part_stride=a.tok_part_stride, config=p.merge_config)
     return fn
 
 

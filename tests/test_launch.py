@@ -17,12 +17,12 @@ def _dummy_kernel() -> None: ...
 
 def test_key_separates_alignment_dtype_and_values() -> None:
     buf = torch.zeros(64, dtype=torch.float32)
-    key = fast._key(_dummy_kernel, (buf[0:], 3), {"BLOCK": 16})
-    assert key == fast._key(_dummy_kernel, (buf[4:], 3), {"BLOCK": 16})  # 16 bytes further: same
-    assert key != fast._key(_dummy_kernel, (buf[1:], 3), {"BLOCK": 16})  # 4-byte aligned only
-    assert key != fast._key(_dummy_kernel, (buf.to(torch.float16), 3), {"BLOCK": 16})
-    assert key != fast._key(_dummy_kernel, (buf, 1), {"BLOCK": 16})  # ints specialise on 1 and % 16
-    assert key != fast._key(_dummy_kernel, (buf, 3), {"BLOCK": 32})
+    key = fast._key(_dummy_kernel, 0, (buf[0:], 3), {"BLOCK": 16})
+    assert key == fast._key(_dummy_kernel, 0, (buf[4:], 3), {"BLOCK": 16})  # 16 bytes further: same
+    assert key != fast._key(_dummy_kernel, 0, (buf[1:], 3), {"BLOCK": 16})  # 4-byte aligned only
+    assert key != fast._key(_dummy_kernel, 0, (buf.to(torch.float16), 3), {"BLOCK": 16})
+    assert key != fast._key(_dummy_kernel, 0, (buf, 1), {"BLOCK": 16})  # ints specialise on 1 and % 16
+    assert key != fast._key(_dummy_kernel, 0, (buf, 3), {"BLOCK": 32})
 
 
 @pytest.mark.gpu

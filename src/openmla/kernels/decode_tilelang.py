@@ -61,6 +61,16 @@ def _is_hopper(device: torch.device) -> bool:
 
 # The first is the default: "seesaw" measured 173 / 631 us on W2 / W3 (H100, kernel alone)
 # against 194 / 710 for TileLang's automatic warp specialisation ("auto_ws").
+def _shape_vars():
+    """The kernels' dynamic sizes (rows, cache slots, index entries, batch + 1, batch, work
+    items, partial rows) and row strides (queries and caches may be views of wider [.., 576]
+    buffers): one compiled kernel per (heads, page, dtype, causal, schedule) serves every batch."""
+    import tilelang.language as T
+
+    return (*T.dynamic("rows, slots, n_idx, batch1, batch, work, part_rows"),
+            *T.dynamic("s_qn, s_qp, s_kv, s_kpe, s_o"))
+
+
 SCHEDULES = ("seesaw", "seesaw_split", "auto_ws")
 
 
@@ -95,10 +105,7 @@ def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
 
     H, PAGE = num_heads, page_size
     acc = "float32"
-    rows, slots, n_idx, batch1, batch, work, part_rows = T.dynamic(
-        "rows, slots, n_idx, batch1, batch, work, part_rows")
-    # row strides: queries and caches may be views of wider [.., 576] buffers
-    s_qn, s_qp, s_kv, s_kpe, s_o = T.dynamic("s_qn, s_qp, s_kv, s_kpe, s_o")
+    rows, slots, n_idx, batch1, batch, work, part_rows, s_qn, s_qp, s_kv, s_kpe, s_o = _shape_vars()
 
     @T.macro
     def attend(q_s, qp_s, kv_s, kpe_s, p_s, acc_s, acc_o, m_i, m_prev, alpha, l_blk, l_i,
@@ -253,9 +260,7 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
     HALF = D_CKV // 2
     BN = BLOCK_N
     ROW_POLICY = T.GemmWarpPolicy.FullRow
-    rows, slots, n_idx, batch1, batch, work, part_rows = T.dynamic(
-        "rows, slots, n_idx, batch1, batch, work, part_rows")
-    s_qn, s_qp, s_kv, s_kpe, s_o = T.dynamic("s_qn, s_qp, s_kv, s_kpe, s_o")
+    rows, slots, n_idx, batch1, batch, work, part_rows, s_qn, s_qp, s_kv, s_kpe, s_o = _shape_vars()
 
     parts = 3 if split_loads else 1  # full barriers per stage
 

@@ -6,8 +6,9 @@ kernel's own launcher (``benchmarks/bench_launch.py``), and a decode call is two
 the first launch of a given specialisation goes through the JIT (compiling if needed) and
 records the compiled kernel; later launches with the same key call its launcher directly.
 
-The key holds everything the JIT specialises on, and more: each tensor's dtype, device and
-16-byte alignment, every other argument's exact value, the keyword arguments. A launch that
+The key holds everything the JIT specialises on, and more: the device (of the first argument, a
+tensor; the callers' checks keep every tensor on one device), each tensor's dtype and 16-byte
+alignment, every other argument's exact value, the keyword arguments. A launch that
 differs in any of them takes the JIT path again (and is cached in turn). Under the interpreter,
 or with Triton launch hooks set (profilers), every launch goes through the JIT.
 """
@@ -24,9 +25,9 @@ _CAPACITY = 4096
 _BROKEN = False  # set when this triton's JIT internals differ from what the fast path expects
 
 
-def _key(fn, args: tuple, kwargs: dict) -> tuple:
-    return (fn, *[(a.dtype, a.get_device(), a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a
-                  for a in args], *kwargs.items())
+def _key(fn, device: int, args: tuple, kwargs: dict) -> tuple:
+    return (fn, device, *[(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args],
+            *kwargs.items())
 
 
 def _hooks_set() -> bool:
@@ -45,25 +46,26 @@ def launch(fn, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
     if _BROKEN or is_interpreting() or _hooks_set():
         fn[grid](*args, **kwargs)
         return
-    key = _key(fn, args, kwargs)
+    device = args[0].get_device()
+    key = _key(fn, device, args, kwargs)
     hit = _CACHE.get(key)
     if hit is None:
         kernel = fn[grid](*args, **kwargs)
-        _remember(key, fn, kernel, args, kwargs)
+        _remember(key, fn, kernel, device, args, kwargs)
         return
     kernel, tail = hit
     g = (*grid, 1, 1)
-    stream = torch._C._cuda_getCurrentRawStream(args[0].get_device())
+    stream = torch._C._cuda_getCurrentRawStream(device)
     kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
                *args, *tail)
 
 
-def _remember(key: tuple, fn, kernel, args: tuple, kwargs: dict) -> None:
+def _remember(key: tuple, fn, kernel, device: int, args: tuple, kwargs: dict) -> None:
     """Store the compiled kernel and the values of its parameters after ``args`` (constexprs and
     defaults, in signature order) as the JIT binds them."""
     global _BROKEN
     try:
-        binder = fn.device_caches[args[0].get_device()][4]
+        binder = fn.device_caches[device][4]
         values = list(binder(*args, **kwargs)[0].values())
         if len(values) < len(args) or any(v is not a for v, a in zip(values, args)):
             raise RuntimeError("the kernel's leading parameters are not the positional arguments")

@@ -2,7 +2,8 @@
 float64 oracle on adversarial batches (NaN in unused slots, shuffled pages, empty requests,
 lengths that end mid-block), every split mode, MTP causal, both 16-bit dtypes, packed caches,
 CUDA-graph replay, the Triton stand-in for strided inputs, and batch invariance, for each kernel
-schedule (``SCHEDULES``). GPU only; skipped when tilelang is not installed."""
+schedule (``SCHEDULES``); DeepSeek V3.2's 656-byte fp8 rows (in-kernel dequantisation, the default
+schedule). GPU only; skipped when tilelang is not installed."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from openmla import BatchMLAPagedAttentionWrapper
 from openmla.kernels.decode_tilelang import SCHEDULES, supports, tilelang_available
-from openmla.testing import assert_attention_close, make_paged_case, nan_like
+from openmla.testing import assert_attention_close, make_paged_case, nan_like, to_fp8_ds_mla
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not tilelang_available(), reason="tilelang is not installed")]
@@ -21,7 +22,7 @@ CUDA = torch.device("cuda")
 
 @pytest.fixture(autouse=True)
 def _hopper_only() -> None:
-    if not supports(128, 64, 0, CUDA):
+    if not supports(128, 64, "plain", CUDA):
         pytest.skip("the TileLang path needs a Hopper GPU")
 
 
@@ -150,3 +151,59 @@ def test_batch_invariant_mode_is_bitwise(gpu_workspace: torch.Tensor) -> None:
     out, lse = _check(w, crowd, deterministic=True)
     assert torch.equal(out[1], ref_out[0])
     assert torch.equal(lse[1], ref_lse[0])
+
+
+# (kv_lens, heads, page, qo_len, causal, num_splits): 656-byte fp8 rows; NaN rows in unused slots
+# (codes and scales), shuffled pages, empty requests, blocks ending mid-way, MTP causal, the
+# in-kernel and the separate merge
+DS_MLA_CASES = [
+    ([4096, 1, 0, 4000, 65, 64, 129], 128, 64, 1, False, None),
+    ([8192, 300, 2], 128, 64, 2, True, None),
+    ([8192, 300, 3], 64, 128, 3, True, 20),
+    ([5000, 70, 1, 0], 64, 64, 1, False, 1),
+    ([1000, 2000, 64], 128, 192, 2, True, 2),
+]
+
+
+def _ds_mla_id(c: tuple) -> str:
+    lens, h, page, q, causal, splits = c
+    return "-".join([f"B{len(lens)}", f"H{h}", f"P{page}", f"Q{q}"] + (["causal"] if causal else [])
+                    + ["Sauto" if splits is None else f"S{splits}"])
+
+
+def _check_ds_mla(case, splits, schedule: str, gpu_workspace: torch.Tensor) -> None:
+    kv, deq = to_fp8_ds_mla(case)
+    kv_before = kv.clone()
+    wrapper = BatchMLAPagedAttentionWrapper(gpu_workspace)
+    args = list(case.plan_args())
+    args[-1] = torch.uint8
+    wrapper.plan(*args, num_splits=splits)
+    # the 656-byte rows run in the default schedule; the others leave them to Triton
+    assert wrapper.backend == ("tilelang" if schedule == "seesaw" else "triton")
+    out = nan_like(case.q_nope)
+    lse = torch.full(case.q_nope.shape[:2], float("nan"), device=CUDA)
+    wrapper.run(case.q_nope, case.q_pe, kv, None, out=out, lse=lse)
+    torch.cuda.synchronize()
+    assert_attention_close(out, lse, deq.reference(), deq.lowp_reference())
+    assert torch.equal(kv, kv_before)
+    # against the unquantised cache: the quantisation error (tests/test_fp8_decode.py's bound)
+    used = torch.nan_to_num(case.ckv_cache.float(), nan=0.0)
+    assert float((out.double() - case.reference()[0].double()).abs().max()) <= 2.0**-3 * float(used.abs().max())
+
+
+@pytest.mark.parametrize("params", DS_MLA_CASES, ids=_ds_mla_id)
+def test_ds_mla_rows_against_oracle(params: tuple, _schedule: str, gpu_workspace: torch.Tensor) -> None:
+    kv_lens, heads, page, qo_len, causal, splits = params
+    if _schedule != "seesaw" and params != DS_MLA_CASES[0]:
+        pytest.skip("656-byte rows run the seesaw schedule; one case checks the Triton fallback")
+    qo = [min(qo_len, n) if causal else qo_len for n in kv_lens]
+    case = make_paged_case(kv_lens, heads, page, qo_len=qo, causal=causal, device=CUDA,
+                           seed=3 * heads + page + len(kv_lens))
+    _check_ds_mla(case, splits, _schedule, gpu_workspace)
+
+
+def test_ds_mla_w9_shape(_schedule: str, gpu_workspace: torch.Tensor) -> None:
+    if _schedule != "seesaw":
+        pytest.skip("656-byte rows run the seesaw schedule")
+    case = make_paged_case([8192] * 16, 128, 64, qo_len=2, causal=True, device=CUDA, seed=13)
+    _check_ds_mla(case, None, _schedule, gpu_workspace)

@@ -136,12 +136,13 @@ class BatchMLAPagedAttentionWrapper:
         choice = _config.env_decode_backend()
         if choice == "triton" or decode_config is not None:
             return BACKEND_TRITON
-        ok = decode_tilelang.supports(num_heads, page_size, kv_format, self._device)
+        layout = {KV_PLAIN: "plain", KV_FP8_DS_MLA: "ds_mla"}.get(kv_format)
+        ok = decode_tilelang.supports(num_heads, page_size, layout, self._device)
         if choice == "tilelang" and not ok:
             raise ValueError(
                 "OPENMLA_DECODE_BACKEND=tilelang needs tilelang installed, a Hopper GPU, a 16-bit "
-                f"cache, num_heads % 64 == 0 and page_size % 64 == 0; got num_heads={num_heads}, "
-                f"page_size={page_size}")
+                "cache or 656-byte fp8 rows (the latter in the default schedule), num_heads % 64 == 0 "
+                f"and page_size % 64 == 0; got num_heads={num_heads}, page_size={page_size}")
         return BACKEND_TILELANG if ok else BACKEND_TRITON
 
     def plan(

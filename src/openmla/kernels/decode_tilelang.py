@@ -49,10 +49,17 @@ def tilelang_available() -> bool:
     return True
 
 
-def supports(num_heads: int, page_size: int, kv_format: int, device: torch.device) -> bool:
-    """Whether the TileLang path can run this plan (the Triton kernel covers everything else)."""
-    return (device.type == "cuda" and kv_format == 0 and num_heads % BLOCK_M == 0
-            and page_size % BLOCK_N == 0 and _is_hopper(device) and tilelang_available())
+CACHE_LAYOUTS = ("plain", "ds_mla")  # 16-bit ckv / kpe caches; 656-byte fp8 rows (bf16 queries)
+
+
+def supports(num_heads: int, page_size: int, layout: str | None, device: torch.device) -> bool:
+    """Whether the TileLang path can run this plan (the Triton kernel covers everything else).
+    ``layout``: one of ``CACHE_LAYOUTS`` (None: a cache this path does not read). The 656-byte
+    rows run in the default schedule only."""
+    if layout not in CACHE_LAYOUTS or (layout == "ds_mla" and _schedule_name() != "seesaw"):
+        return False
+    return (device.type == "cuda" and num_heads % BLOCK_M == 0 and page_size % BLOCK_N == 0
+            and _is_hopper(device) and tilelang_available())
 
 
 def _is_hopper(device: torch.device) -> bool:
@@ -74,25 +81,34 @@ def _shape_vars():
 SCHEDULES = ("seesaw", "seesaw_split", "auto_ws")
 
 
+def _schedule_name() -> str:
+    return os.environ.get("OPENMLA_TILELANG_SCHEDULE") or SCHEDULES[0]
+
+
 def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block_n: int = BLOCK_N,
-                 num_stages: int = NUM_STAGES, fast_math: bool = False, schedule: str | None = None):
+                 num_stages: int = NUM_STAGES, fast_math: bool = False, schedule: str | None = None,
+                 ds_mla: bool = False):
     """The compiled kernel for one (heads, page size, dtype, causal); the keyword arguments are
     tuning variants (benchmarks/bench_tilelang.py). ``schedule``: ``seesaw`` (the default;
     hand-scheduled warp specialisation: the consumer warpgroups take alternate KV blocks, so one's
     softmax runs under the other's MMAs; see :func:`_seesaw_func`), ``seesaw_split`` (the same with
     a barrier per third of a KV block, so S = Q K^T starts on the first third while the rest lands)
     or ``auto_ws`` (TileLang's automatic warp specialisation, softmax between the MMAs; the only
-    one that takes other ``block_n`` / ``num_stages``); None reads ``OPENMLA_TILELANG_SCHEDULE``."""
+    one that takes other ``block_n`` / ``num_stages``); None reads ``OPENMLA_TILELANG_SCHEDULE``.
+    ``ds_mla``: the cache is 656-byte fp8 rows (``seesaw`` only, bf16 queries)."""
     if schedule is None:
-        schedule = os.environ.get("OPENMLA_TILELANG_SCHEDULE") or SCHEDULES[0]
+        schedule = _schedule_name()
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    return _build_kernel(num_heads, page_size, dtype, bool(causal), block_n, num_stages, fast_math, schedule)
+    if ds_mla and (schedule != "seesaw" or dtype != "bfloat16"):
+        raise ValueError(f"656-byte fp8 rows need the seesaw schedule and bf16 queries, got {schedule!r}, {dtype}")
+    return _build_kernel(num_heads, page_size, dtype, bool(causal), block_n, num_stages, fast_math, schedule,
+                         bool(ds_mla))
 
 
 @functools.cache
 def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block_n: int,
-                  num_stages: int, fast_math: bool, schedule: str):
+                  num_stages: int, fast_math: bool, schedule: str, ds_mla: bool):
     import tilelang
     import tilelang.language as T
 
@@ -100,7 +116,8 @@ def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
     if schedule in ("seesaw", "seesaw_split"):
         if block_n != BLOCK_N or num_stages != NUM_STAGES:
             raise ValueError("the seesaw schedules have fixed 64-token blocks in two stages")
-        func = _seesaw_func(num_heads, page_size, dtype, causal, split_loads=schedule == "seesaw_split")
+        func = _seesaw_func(num_heads, page_size, dtype, causal, split_loads=schedule == "seesaw_split",
+                            ds_mla=ds_mla)
         return tilelang.compile(func, target=_target(), execution_backend=_backend(), pass_configs=configs)
 
     H, PAGE = num_heads, page_size
@@ -229,7 +246,46 @@ SEESAW_CONSUMER_REGS = 240
 SEESAW_PRODUCER_REGS = 24
 
 
-def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split_loads: bool = False):
+# Device helpers of the 656-byte rows (``ds_mla``): 16 bytes of codes and one group scale from a
+# row in global memory (zeros past the range, where unused slots may hold anything), and the
+# dequantisation, bf16(float(code) * scale) as the Triton kernel computes it.
+_DS_MLA_SOURCE = r"""
+#include <cuda_fp8.h>
+__device__ __forceinline__ void om_ldg16(unsigned* dst, const void* base, long long off, bool ok) {
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  if (ok) v = __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(base) + off));
+  dst[0] = v.x; dst[1] = v.y; dst[2] = v.z; dst[3] = v.w;
+}
+__device__ __forceinline__ void om_prefetch_l2(const void* base, long long off, unsigned bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
+               :: "l"(reinterpret_cast<const char*>(base) + off), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ float om_ldgf(const void* base, long long off, bool ok) {
+  return ok ? __ldg(reinterpret_cast<const float*>(reinterpret_cast<const char*>(base) + off)) : 0.0f;
+}
+__device__ __forceinline__ unsigned om_dq2(unsigned short two, float s) {
+  __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two), __NV_E4M3);
+  float2 f = __half22float2(*reinterpret_cast<__half2*>(&h));
+  __nv_bfloat162 b = __floats2bfloat162_rn(f.x * s, f.y * s);
+  return *reinterpret_cast<unsigned*>(&b);
+}
+__device__ __forceinline__ void om_dq8(void* dst, unsigned w0, unsigned w1, float s) {
+  unsigned* d = reinterpret_cast<unsigned*>(dst);
+  d[0] = om_dq2(w0 & 0xffffu, s);
+  d[1] = om_dq2(w0 >> 16, s);
+  d[2] = om_dq2(w1 & 0xffffu, s);
+  d[3] = om_dq2(w1 >> 16, s);
+}
+"""
+DS_MLA_SCALES_AT = 512  # byte offset of a 656-byte row's four float32 group scales
+# A warpgroup dequantises a block in 16 steps; in step ``it`` thread ``t`` takes 16 codes of
+# token ``it // 2 * 8 + t // 16``, channels ``256 (it % 2) + 16 (t % 16)`` onwards (16 threads
+# read 256 contiguous bytes).
+DQ_STEPS = BLOCK_N * D_CKV // 16 // 128
+
+
+def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split_loads: bool = False,
+                 ds_mla: bool = False):
     """The kernel with a hand-written warp-specialised "seesaw" schedule (same arguments and
     contract as the ``auto_ws`` one).
 
@@ -252,6 +308,13 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
     only after its own MMA on the previous P completed, and that P was written after the other
     warpgroup's MMA on the one before completed. ``split_loads``: a ``full`` barrier per part of a
     block (V/K columns [0, 256), [256, 512), the rope part), in the order S = Q K^T consumes them.
+
+    ``ds_mla`` (656-byte fp8 rows): the producer loads only the rope (bf16) by TMA, and prefetches
+    the rows of the block after next into L2. Warpgroup ``w`` loads the e4m3 codes and group
+    scales of its next block from global memory into registers and writes their bf16 values into
+    the stage (once ``empty`` says the other warpgroup's P V on the stage's previous block
+    completed), while it waits for the other's P, beside the other's S and softmax. Shared memory
+    has no room for fp8 stages. Measured alternatives are in docs/perf-notes.md.
     """
     import tilelang.language as T
 
@@ -263,6 +326,45 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
     rows, slots, n_idx, batch1, batch, work, part_rows, s_qn, s_qp, s_kv, s_kpe, s_o = _shape_vars()
 
     parts = 3 if split_loads else 1  # full barriers per stage
+    if ds_mla and split_loads:
+        raise ValueError("656-byte fp8 rows have no split-load schedule")
+
+    def convert_block(w: int):
+        """Warpgroup ``w`` dequantises its block ``k`` (pair ``j``, stage ``w``), whose first slot
+        is ``nslot[0]``, and looks up block ``k + 2``'s slot for its next call. Rows past the range
+        become zeros (unused slots may hold NaN codes or scales)."""
+
+        @T.macro
+        def convert(k, j, kl, kr, empty, KV, codes, scl, cv, nslot, tw, kv_indices, page_base,
+                    kv_begin, kv_end, s_kv):
+            start = kv_begin + k * BN
+            for it in T.unroll(DQ_STEPS):
+                row = T.cast(nslot[0] + it // 2 * 8 + tw // 16, "int64") * s_kv
+                ok = start + it // 2 * 8 + tw // 16 < kv_end
+                T.call_extern("handle", "om_ldg16", T.address_of(codes[4 * it]), T.access_ptr(KV, "r"),
+                              row + it % 2 * HALF + tw % 16 * 16, ok)
+                scl[it] = T.call_extern("float32", "om_ldgf", T.access_ptr(KV, "r"),
+                                        row + DS_MLA_SCALES_AT + (2 * (it % 2) + tw % 16 // 8) * 4, ok)
+            if start + 2 * BN < kv_end:
+                nslot[0] = (kv_indices[page_base + (start + 2 * BN) // PAGE] * PAGE
+                            + (start + 2 * BN) % PAGE)
+            T.barrier_wait(empty[w], (j & 1) ^ 1)  # the stage's previous block is consumed
+            for it in T.unroll(DQ_STEPS):
+                T.call_extern("handle", "om_dq8", T.address_of(cv[0]), codes[4 * it], codes[4 * it + 1],
+                              scl[it])
+                T.call_extern("handle", "om_dq8", T.address_of(cv[8]), codes[4 * it + 2],
+                              codes[4 * it + 3], scl[it])
+                for v in T.vectorized(16):
+                    if it % 2 == 0:
+                        kl[it // 2 * 8 + tw // 16, tw % 16 * 16 + v] = cv[v]
+                    else:
+                        kr[it // 2 * 8 + tw // 16, tw % 16 * 16 + v] = cv[v]
+            T.fence_proxy_async()
+            T.sync_threads(8 + w, 128)
+
+        return convert
+
+    convert0, convert1 = convert_block(0), convert_block(1)
 
     def own_block(w: int):
         """Block ``k`` (stage ``w``) for its owner, warpgroup ``w``."""
@@ -278,7 +380,7 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
             if k > 0:
                 T.barrier_arrive(empty[1 - w])
             T.barrier_wait(full[parts * w], i & 1)
-            if start + BN > kv_end:
+            if not ds_mla and start + BN > kv_end:
                 if split_loads:
                     T.barrier_wait(full[parts * w + 1], i & 1)
                 # slots past the range may hold NaN, and 0 * NaN would reach the output; both
@@ -337,10 +439,20 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
         """Block ``k`` (stage ``1 - w``) for warpgroup ``w``, which does not own it."""
 
         @T.macro
-        def other(k, i, v_half, p_s, sm_s, sl_s, sa_s, empty, ready, acc_o, m_i, l_i, alpha):
+        def other(k, i, v_half, p_s, sm_s, sl_s, sa_s, empty, ready, acc_o, m_i, l_i, alpha,
+                  kl, kr, KV, codes, scl, cv, nslot, tw, kv_indices, page_base, kv_begin, kv_end,
+                  s_kv, n_pairs):
             T.wait_wgmma(0)  # our P V of block k - 1 (stage w)
             if k > 0:
                 T.barrier_arrive(empty[w])
+            if ds_mla:
+                # our next block (k + 1, stage w), while the other warpgroup computes block k's P
+                if w == 1:
+                    convert1(k + 1, i, kl, kr, empty, KV, codes, scl, cv, nslot, tw, kv_indices,
+                             page_base, kv_begin, kv_end, s_kv)
+                elif i + 1 < n_pairs:
+                    convert0(k + 1, i + 1, kl, kr, empty, KV, codes, scl, cv, nslot, tw, kv_indices,
+                             page_base, kv_begin, kv_end, s_kv)
             T.barrier_wait(ready[1 - w], i & 1)
             for r in T.Parallel(BLOCK_M):
                 m_i[r] = sm_s[r]
@@ -379,7 +491,7 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
 
         @T.macro
         def load(k, i, kl, kr, kp, full, empty, slot, KV, KPE, kv_indices, page_base, kv_begin,
-                 n_blocks):
+                 n_blocks, s_kv, tp):
             # the page lookup (dependent global loads) runs before the wait, not on the critical path
             if k < n_blocks:
                 slot[0] = (kv_indices[page_base + (kv_begin + k * BN) // PAGE] * PAGE
@@ -391,11 +503,18 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
                                annotations={"emit_arrive": 1})
                     T.tma_copy(KV[slot[0]:slot[0] + BN, HALF:D_CKV], kr, barrier=full[parts * b + 1],
                                annotations={"emit_arrive": 1})
-                else:
+                elif not ds_mla:  # (656-byte rows: the consumers load the codes and scales)
                     T.tma_copy(KV[slot[0]:slot[0] + BN, 0:HALF], kl, barrier=full[parts * b])
                     T.tma_copy(KV[slot[0]:slot[0] + BN, HALF:D_CKV], kr, barrier=full[parts * b])
                 T.tma_copy(KPE[slot[0]:slot[0] + BN, :], kp, barrier=full[parts * b + parts - 1],
                            annotations={"emit_arrive": 1})
+                # 656-byte rows: the block after next into L2 (its 64 rows are 42 KB in one page),
+                # so the consumers' loads wait on L2, not HBM
+                if ds_mla and k + 2 < n_blocks and tp == 0:
+                    T.call_extern("handle", "om_prefetch_l2", T.access_ptr(KV, "r"),
+                                  T.cast(kv_indices[page_base + (kv_begin + (k + 2) * BN) // PAGE] * PAGE
+                                         + (kv_begin + (k + 2) * BN) % PAGE, "int64") * s_kv,
+                                  BN * s_kv)
             else:
                 # a phantom block past the range (odd count): nothing to load, the owner masks it
                 # whole (P = 0, its V rows zeroed, the max unchanged: alpha = 1)
@@ -407,27 +526,9 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
 
     load0, load1 = load_stage(0), load_stage(1)
 
-    @T.prim_func
-    def decode(
-        Q: T.StridedTensor([rows, D_CKV], (s_qn, 1), dtype),
-        QP: T.StridedTensor([rows, D_KPE], (s_qp, 1), dtype),
-        KV: T.StridedTensor([slots, D_CKV], (s_kv, 1), dtype),
-        KPE: T.StridedTensor([slots, D_KPE], (s_kpe, 1), dtype),
-        kv_indices: T.Tensor([n_idx], "int32"),
-        qo_indptr: T.Tensor([batch1], "int32"),
-        kv_indptr: T.Tensor([batch1], "int32"),
-        kv_len: T.Tensor([batch], "int32"),
-        work_req: T.Tensor([work], "int32"),
-        work_kv_begin: T.Tensor([work], "int32"),
-        work_kv_end: T.Tensor([work], "int32"),
-        work_part_row: T.Tensor([work], "int32"),
-        Out: T.StridedTensor([rows, D_CKV], (s_o, 1), dtype),
-        Lse: T.Tensor([rows], acc),
-        PartO: T.Tensor([part_rows, D_CKV], acc),
-        PartLse: T.Tensor([part_rows], acc),
-        scale_log2: T.float32,
-        row_blocks: T.int32,
-    ):
+    @T.macro
+    def body(Q, QP, KV, KPE, kv_indices, qo_indptr, kv_indptr, kv_len, work_req, work_kv_begin,
+             work_kv_end, work_part_row, Out, Lse, PartO, PartLse, scale_log2, row_blocks):
         with T.Kernel(row_blocks, work, threads=SEESAW_THREADS) as (i_m, i_w):
             q_l = T.alloc_shared([BLOCK_M, HALF], dtype)
             q_r = T.alloc_shared([BLOCK_M, HALF], dtype)
@@ -442,6 +543,13 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
             sm_s = T.alloc_shared([BLOCK_M], acc)
             sl_s = T.alloc_shared([BLOCK_M], acc)
             sa_s = T.alloc_shared([BLOCK_M], acc)
+            codes = scl = cv = nslot = None
+            if ds_mla:
+                T.import_source(_DS_MLA_SOURCE)
+                codes = T.alloc_local([4 * DQ_STEPS], "uint32")
+                scl = T.alloc_local([DQ_STEPS], acc)
+                cv = T.alloc_local([16], dtype)
+                nslot = T.alloc_local([1], "int32")
 
             acc_o0 = T.alloc_fragment([BLOCK_M, HALF], acc)
             acc_s0 = T.alloc_fragment([BLOCK_M, BN], acc)
@@ -497,12 +605,17 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
                     T.fill(l_i0, 0)
                     T.fill(m_i0, -T.infinity(acc))
                     T.barrier_wait(bar_q[0], 0)
+                    if ds_mla and n_pairs > 0:  # an empty range loads nothing
+                        nslot[0] = kv_indices[page_base + kv_begin // PAGE] * PAGE + kv_begin % PAGE
+                        convert0(0, 0, kl0, kr0, empty, KV, codes, scl, cv, nslot, tx, kv_indices,
+                                 page_base, kv_begin, kv_end, s_kv)
                     for i in T.serial(n_pairs):
                         own0(2 * i, i, q_l, q_r, qp_s, kl0, kr0, kp0, p_s, sm_s, sl_s, sa_s, full,
                              empty, ready, acc_s0, acc_p0, acc_o0, m_i0, l_i0, m_blk0, l_blk0, alpha0,
                              kv_begin, kv_end, shift, tok0, scale_log2)
                         other0(2 * i + 1, i, kl1, p_s, sm_s, sl_s, sa_s, empty, ready, acc_o0,
-                               m_i0, l_i0, alpha0)
+                               m_i0, l_i0, alpha0, kl0, kr0, KV, codes, scl, cv, nslot, tx, kv_indices,
+                               page_base, kv_begin, kv_end, s_kv, n_pairs)
                     epilogue(0, acc_o0, m_i0, l_i0, lse0, Out, Lse, PartO, PartLse, row0, part_row, i_m)
                 elif tx >= 128 and tx < 256:
                     T.set_max_nreg(SEESAW_CONSUMER_REGS, 1)
@@ -510,9 +623,13 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
                     T.fill(l_i1, 0)
                     T.fill(m_i1, -T.infinity(acc))
                     T.barrier_wait(bar_q[0], 0)
+                    if ds_mla and kv_begin + BN < kv_end:
+                        nslot[0] = (kv_indices[page_base + (kv_begin + BN) // PAGE] * PAGE
+                                    + (kv_begin + BN) % PAGE)
                     for i in T.serial(n_pairs):
                         other1(2 * i, i, kr0, p_s, sm_s, sl_s, sa_s, empty, ready, acc_o1,
-                               m_i1, l_i1, alpha1)
+                               m_i1, l_i1, alpha1, kl1, kr1, KV, codes, scl, cv, nslot, tx - 128,
+                               kv_indices, page_base, kv_begin, kv_end, s_kv, n_pairs)
                         own1(2 * i + 1, i, q_l, q_r, qp_s, kl1, kr1, kp1, p_s, sm_s, sl_s, sa_s,
                              full, empty, ready, acc_s1, acc_p1, acc_o1, m_i1, l_i1, m_blk1,
                              l_blk1, alpha1, kv_begin, kv_end, shift, tok0, scale_log2)
@@ -525,11 +642,64 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
                                annotations={"emit_arrive": 1})
                     for i in T.serial(n_pairs):
                         load0(2 * i, i, kl0, kr0, kp0, full, empty, slot, KV, KPE, kv_indices,
-                              page_base, kv_begin, n_blocks)
+                              page_base, kv_begin, n_blocks, s_kv, tx - 256)
                         load1(2 * i + 1, i, kl1, kr1, kp1, full, empty, slot, KV, KPE, kv_indices,
-                              page_base, kv_begin, n_blocks)
+                              page_base, kv_begin, n_blocks, s_kv, tx - 256)
 
-    return decode
+    if not ds_mla:
+        @T.prim_func
+        def decode(
+            Q: T.StridedTensor([rows, D_CKV], (s_qn, 1), dtype),
+            QP: T.StridedTensor([rows, D_KPE], (s_qp, 1), dtype),
+            KV: T.StridedTensor([slots, D_CKV], (s_kv, 1), dtype),
+            KPE: T.StridedTensor([slots, D_KPE], (s_kpe, 1), dtype),
+            kv_indices: T.Tensor([n_idx], "int32"),
+            qo_indptr: T.Tensor([batch1], "int32"),
+            kv_indptr: T.Tensor([batch1], "int32"),
+            kv_len: T.Tensor([batch], "int32"),
+            work_req: T.Tensor([work], "int32"),
+            work_kv_begin: T.Tensor([work], "int32"),
+            work_kv_end: T.Tensor([work], "int32"),
+            work_part_row: T.Tensor([work], "int32"),
+            Out: T.StridedTensor([rows, D_CKV], (s_o, 1), dtype),
+            Lse: T.Tensor([rows], acc),
+            PartO: T.Tensor([part_rows, D_CKV], acc),
+            PartLse: T.Tensor([part_rows], acc),
+            scale_log2: T.float32,
+            row_blocks: T.int32,
+        ):
+            body(Q, QP, KV, KPE, kv_indices, qo_indptr, kv_indptr, kv_len, work_req, work_kv_begin,
+                 work_kv_end, work_part_row, Out, Lse, PartO, PartLse, scale_log2, row_blocks)
+
+        return decode
+
+    # the 656-byte rows as two strided views of one cache: the e4m3 codes (uint8; the group scales
+    # follow each row's codes, at byte 512) and the rope (bf16, at byte 528)
+    @T.prim_func
+    def decode_ds_mla(
+        Q: T.StridedTensor([rows, D_CKV], (s_qn, 1), dtype),
+        QP: T.StridedTensor([rows, D_KPE], (s_qp, 1), dtype),
+        KV: T.StridedTensor([slots, D_CKV], (s_kv, 1), "uint8"),
+        KPE: T.StridedTensor([slots, D_KPE], (s_kpe, 1), dtype),
+        kv_indices: T.Tensor([n_idx], "int32"),
+        qo_indptr: T.Tensor([batch1], "int32"),
+        kv_indptr: T.Tensor([batch1], "int32"),
+        kv_len: T.Tensor([batch], "int32"),
+        work_req: T.Tensor([work], "int32"),
+        work_kv_begin: T.Tensor([work], "int32"),
+        work_kv_end: T.Tensor([work], "int32"),
+        work_part_row: T.Tensor([work], "int32"),
+        Out: T.StridedTensor([rows, D_CKV], (s_o, 1), dtype),
+        Lse: T.Tensor([rows], acc),
+        PartO: T.Tensor([part_rows, D_CKV], acc),
+        PartLse: T.Tensor([part_rows], acc),
+        scale_log2: T.float32,
+        row_blocks: T.int32,
+    ):
+        body(Q, QP, KV, KPE, kv_indices, qo_indptr, kv_indptr, kv_len, work_req, work_kv_begin,
+             work_kv_end, work_part_row, Out, Lse, PartO, PartLse, scale_log2, row_blocks)
+
+    return decode_ds_mla
 
 
 def _target():
@@ -573,18 +743,23 @@ def launch_decode_tilelang(
     sm_scale: float,
     causal: bool,
     row_blocks: int,
+    ds_mla: bool = False,
     **variant,
 ) -> bool:
     """Launch over ``[T, H, *]`` queries/output, ``[T, H]`` lse and ``[P, page, *]`` caches;
     returns False, launching nothing, when they cannot be addressed as the kernel's flat row
-    arrays (rows not at one 16-byte stride, a strided lse, int64 page ids)."""
+    arrays (rows not at one 16-byte stride, a strided lse, int64 page ids). ``ds_mla``: the
+    caches are the e4m3 and rope views of 656-byte rows (``ops.kv_views``); the kernel reads the
+    group scales at byte 512 of each e4m3 row."""
+    if ds_mla:
+        ckv_cache = ckv_cache.view(torch.uint8)
     views = [_rows(t) for t in (q_nope, q_pe, ckv_cache, kpe_cache, out)]
     if any(v is None for v in views) or kv_indices.dtype != torch.int32 or lse.stride() != (lse.shape[1], 1):
         return False
     num_heads = q_nope.shape[1]
     page_size = ckv_cache.shape[1]
     dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[q_nope.dtype]
-    kernel = build_kernel(num_heads, page_size, dtype, bool(causal), **variant)
+    kernel = build_kernel(num_heads, page_size, dtype, bool(causal), ds_mla=ds_mla, **variant)
     qn, qp, ckv, kpe, out_rows = views
     kernel(qn, qp, ckv, kpe, kv_indices, qo_indptr, kv_indptr, kv_len, work_req, work_kv_begin,
            work_kv_end, work_part_row, out_rows, lse.view(-1), part_o, part_lse,

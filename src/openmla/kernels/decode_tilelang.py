@@ -526,9 +526,31 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
 
     load0, load1 = load_stage(0), load_stage(1)
 
-    @T.macro
-    def body(Q, QP, KV, KPE, kv_indices, qo_indptr, kv_indptr, kv_len, work_req, work_kv_begin,
-             work_kv_end, work_part_row, Out, Lse, PartO, PartLse, scale_log2, row_blocks):
+    # 656-byte rows: ``KV`` is the uint8 view of the codes (each row's group scales follow them,
+    # at byte 512) and ``KPE`` the bf16 view of the rope (byte 528), two views of one cache
+    kv_dtype = "uint8" if ds_mla else dtype
+
+    @T.prim_func
+    def decode(
+        Q: T.StridedTensor([rows, D_CKV], (s_qn, 1), dtype),
+        QP: T.StridedTensor([rows, D_KPE], (s_qp, 1), dtype),
+        KV: T.StridedTensor([slots, D_CKV], (s_kv, 1), kv_dtype),
+        KPE: T.StridedTensor([slots, D_KPE], (s_kpe, 1), dtype),
+        kv_indices: T.Tensor([n_idx], "int32"),
+        qo_indptr: T.Tensor([batch1], "int32"),
+        kv_indptr: T.Tensor([batch1], "int32"),
+        kv_len: T.Tensor([batch], "int32"),
+        work_req: T.Tensor([work], "int32"),
+        work_kv_begin: T.Tensor([work], "int32"),
+        work_kv_end: T.Tensor([work], "int32"),
+        work_part_row: T.Tensor([work], "int32"),
+        Out: T.StridedTensor([rows, D_CKV], (s_o, 1), dtype),
+        Lse: T.Tensor([rows], acc),
+        PartO: T.Tensor([part_rows, D_CKV], acc),
+        PartLse: T.Tensor([part_rows], acc),
+        scale_log2: T.float32,
+        row_blocks: T.int32,
+    ):
         with T.Kernel(row_blocks, work, threads=SEESAW_THREADS) as (i_m, i_w):
             q_l = T.alloc_shared([BLOCK_M, HALF], dtype)
             q_r = T.alloc_shared([BLOCK_M, HALF], dtype)
@@ -646,60 +668,7 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
                         load1(2 * i + 1, i, kl1, kr1, kp1, full, empty, slot, KV, KPE, kv_indices,
                               page_base, kv_begin, n_blocks, s_kv, tx - 256)
 
-    if not ds_mla:
-        @T.prim_func
-        def decode(
-            Q: T.StridedTensor([rows, D_CKV], (s_qn, 1), dtype),
-            QP: T.StridedTensor([rows, D_KPE], (s_qp, 1), dtype),
-            KV: T.StridedTensor([slots, D_CKV], (s_kv, 1), dtype),
-            KPE: T.StridedTensor([slots, D_KPE], (s_kpe, 1), dtype),
-            kv_indices: T.Tensor([n_idx], "int32"),
-            qo_indptr: T.Tensor([batch1], "int32"),
-            kv_indptr: T.Tensor([batch1], "int32"),
-            kv_len: T.Tensor([batch], "int32"),
-            work_req: T.Tensor([work], "int32"),
-            work_kv_begin: T.Tensor([work], "int32"),
-            work_kv_end: T.Tensor([work], "int32"),
-            work_part_row: T.Tensor([work], "int32"),
-            Out: T.StridedTensor([rows, D_CKV], (s_o, 1), dtype),
-            Lse: T.Tensor([rows], acc),
-            PartO: T.Tensor([part_rows, D_CKV], acc),
-            PartLse: T.Tensor([part_rows], acc),
-            scale_log2: T.float32,
-            row_blocks: T.int32,
-        ):
-            body(Q, QP, KV, KPE, kv_indices, qo_indptr, kv_indptr, kv_len, work_req, work_kv_begin,
-                 work_kv_end, work_part_row, Out, Lse, PartO, PartLse, scale_log2, row_blocks)
-
-        return decode
-
-    # the 656-byte rows as two strided views of one cache: the e4m3 codes (uint8; the group scales
-    # follow each row's codes, at byte 512) and the rope (bf16, at byte 528)
-    @T.prim_func
-    def decode_ds_mla(
-        Q: T.StridedTensor([rows, D_CKV], (s_qn, 1), dtype),
-        QP: T.StridedTensor([rows, D_KPE], (s_qp, 1), dtype),
-        KV: T.StridedTensor([slots, D_CKV], (s_kv, 1), "uint8"),
-        KPE: T.StridedTensor([slots, D_KPE], (s_kpe, 1), dtype),
-        kv_indices: T.Tensor([n_idx], "int32"),
-        qo_indptr: T.Tensor([batch1], "int32"),
-        kv_indptr: T.Tensor([batch1], "int32"),
-        kv_len: T.Tensor([batch], "int32"),
-        work_req: T.Tensor([work], "int32"),
-        work_kv_begin: T.Tensor([work], "int32"),
-        work_kv_end: T.Tensor([work], "int32"),
-        work_part_row: T.Tensor([work], "int32"),
-        Out: T.StridedTensor([rows, D_CKV], (s_o, 1), dtype),
-        Lse: T.Tensor([rows], acc),
-        PartO: T.Tensor([part_rows, D_CKV], acc),
-        PartLse: T.Tensor([part_rows], acc),
-        scale_log2: T.float32,
-        row_blocks: T.int32,
-    ):
-        body(Q, QP, KV, KPE, kv_indices, qo_indptr, kv_indptr, kv_len, work_req, work_kv_begin,
-             work_kv_end, work_part_row, Out, Lse, PartO, PartLse, scale_log2, row_blocks)
-
-    return decode_ds_mla
+    return decode
 
 
 def _target():

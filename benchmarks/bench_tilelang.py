@@ -7,7 +7,8 @@ bench_decode.py), on the plan ``BatchMLAPagedAttentionWrapper`` makes, after a c
 the float32 reference on the first rotation. Variants: the shipped kernel (the hand-scheduled
 "seesaw" schedule: softmax of one warpgroup under the other's MMAs), "seesaw_split", TileLang's
 automatic warp specialisation, fast math (approximate exp2/log2), BLOCK_N 32 with 3 and 4 stages,
-and pinned split counts.
+and pinned split counts; on the 656-byte rows (W9), how many dequantisation steps run before the
+P V they follow (``dq_early``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import WORKSPACE_BYTES, provenance, reference
 
 from openmla import BatchMLAPagedAttentionWrapper
+from openmla.kernels.decode import KV_FP8_DS_MLA
 from openmla.kernels.decode_tilelang import launch_decode_tilelang
 from openmla.kernels.merge import launch_merge
+from openmla.ops import kv_views
 from openmla.workloads import WORKLOADS, make_device_batch, plan_args
 
 VARIANTS = {
@@ -36,18 +39,24 @@ VARIANTS = {
     "fast-math": {"fast_math": True},
     "auto-ws-bn32-s3": {"schedule": "auto_ws", "block_n": 32, "num_stages": 3},
     "auto-ws-bn32-s4": {"schedule": "auto_ws", "block_n": 32, "num_stages": 4},
+    # 656-byte rows (W9): dequantisation steps run before the P V they follow (the rest under it)
+    **{f"dq-early-{n}": {"dq_early": n} for n in (4, 6, 8, 10, 12, 16)},
 }
+FP8_VARIANTS = ("shipped",) + tuple(f"dq-early-{n}" for n in (4, 6, 8, 10, 12, 16))
 
 
 def launcher(w: BatchMLAPagedAttentionWrapper, b, out, lse, variant: dict):
     p = w._plan
     a = p.arrays
+    ds_mla = b.kv_cache is not None
+    ckv, kpe = (kv_views(KV_FP8_DS_MLA, b.kv_cache, None, None)[:2] if ds_mla
+                else (b.ckv_cache, b.kpe_cache))
 
     def fn() -> None:
-        launch_decode_tilelang(b.q_nope, b.q_pe, b.ckv_cache, b.kpe_cache, out, lse, w._part_o, w._part_lse,
+        launch_decode_tilelang(b.q_nope, b.q_pe, ckv, kpe, out, lse, w._part_o, w._part_lse,
                                a.qo_indptr, a.kv_indptr, p.kv_indices, a.kv_len, a.work_req,
                                a.work_kv_begin, a.work_kv_end, a.work_part_row, p.sm_scale, p.causal,
-                               p.sizes[4], **variant)
+                               p.sizes[4], ds_mla=ds_mla, **variant)
         if p.sizes[5]:
             launch_merge(part_o=w._part_o, part_lse=w._part_lse, out=out, lse=lse,
                          tok_part_row=a.tok_part_row, tok_num_parts=a.tok_num_parts,
@@ -73,7 +82,8 @@ def main() -> int:
     for name in args.workloads.split(","):
         wl = WORKLOADS[name]
         b = make_device_batch(wl, "cuda", rotations=args.rotations)
-        ref = reference(b, torch.float32)
+        ds_mla = b.kv_cache is not None
+        ref = reference(b, torch.float32, dequantised=ds_mla)
         out = torch.empty_like(b.q_nope)
         lse = torch.empty(b.q_nope.shape[:2], dtype=torch.float32, device="cuda")
         split_list = [None if x == "auto" else int(x) for x in args.splits.split(",")]
@@ -84,7 +94,8 @@ def main() -> int:
                 w.plan(*plan_args(b, r), num_splits=splits)
                 wrappers.append(w)
             assert wrappers[0].backend == "tilelang", f"{name} did not plan the TileLang path"
-            chosen = [(v, VARIANTS[v]) for v in args.variants.split(",")]
+            names = args.variants.split(",")
+            chosen = [(v, VARIANTS[v]) for v in names if v in FP8_VARIANTS or not ds_mla]
             for vname, variant in chosen if splits is None else [("shipped", VARIANTS["shipped"])]:
                 fns = [launcher(w, b, out, lse, variant) for w in wrappers]
                 try:

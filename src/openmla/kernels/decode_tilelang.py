@@ -87,7 +87,7 @@ def _schedule_name() -> str:
 
 def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block_n: int = BLOCK_N,
                  num_stages: int = NUM_STAGES, fast_math: bool = False, schedule: str | None = None,
-                 ds_mla: bool = False):
+                 ds_mla: bool = False, dq_early: int | None = None):
     """The compiled kernel for one (heads, page size, dtype, causal); the keyword arguments are
     tuning variants (benchmarks/bench_tilelang.py). ``schedule``: ``seesaw`` (the default;
     hand-scheduled warp specialisation: the consumer warpgroups take alternate KV blocks, so one's
@@ -95,20 +95,25 @@ def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block
     a barrier per third of a KV block, so S = Q K^T starts on the first third while the rest lands)
     or ``auto_ws`` (TileLang's automatic warp specialisation, softmax between the MMAs; the only
     one that takes other ``block_n`` / ``num_stages``); None reads ``OPENMLA_TILELANG_SCHEDULE``.
-    ``ds_mla``: the cache is 656-byte fp8 rows (``seesaw`` only, bf16 queries)."""
+    ``ds_mla``: the cache is 656-byte fp8 rows (``seesaw`` only, bf16 queries); ``dq_early``: how
+    many of its 16 dequantisation steps run before the P V they follow is issued (default
+    ``DQ_EARLY``)."""
     if schedule is None:
         schedule = _schedule_name()
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if ds_mla and (schedule != "seesaw" or dtype != "bfloat16"):
         raise ValueError(f"656-byte fp8 rows need the seesaw schedule and bf16 queries, got {schedule!r}, {dtype}")
+    dq_early = DQ_EARLY if dq_early is None else int(dq_early)
+    if not 0 <= dq_early <= DQ_STEPS:
+        raise ValueError(f"dq_early must be in [0, {DQ_STEPS}], got {dq_early}")
     return _build_kernel(num_heads, page_size, dtype, bool(causal), block_n, num_stages, fast_math, schedule,
-                         bool(ds_mla))
+                         bool(ds_mla), dq_early if ds_mla else DQ_STEPS)
 
 
 @functools.cache
 def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block_n: int,
-                  num_stages: int, fast_math: bool, schedule: str, ds_mla: bool):
+                  num_stages: int, fast_math: bool, schedule: str, ds_mla: bool, dq_early: int):
     import tilelang
     import tilelang.language as T
 
@@ -117,7 +122,7 @@ def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
         if block_n != BLOCK_N or num_stages != NUM_STAGES:
             raise ValueError("the seesaw schedules have fixed 64-token blocks in two stages")
         func = _seesaw_func(num_heads, page_size, dtype, causal, split_loads=schedule == "seesaw_split",
-                            ds_mla=ds_mla)
+                            ds_mla=ds_mla, dq_early=dq_early)
         return tilelang.compile(func, target=_target(), execution_backend=_backend(), pass_configs=configs)
 
     H, PAGE = num_heads, page_size
@@ -282,10 +287,11 @@ DS_MLA_SCALES_AT = 512  # byte offset of a 656-byte row's four float32 group sca
 # token ``it // 2 * 8 + t // 16``, channels ``256 (it % 2) + 16 (t % 16)`` onwards (16 threads
 # read 256 contiguous bytes).
 DQ_STEPS = BLOCK_N * D_CKV // 16 // 128
+DQ_EARLY = 12  # steps converted before the P V they follow is issued, the rest under it (W9 sweep)
 
 
 def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split_loads: bool = False,
-                 ds_mla: bool = False):
+                 ds_mla: bool = False, dq_early: int = DQ_STEPS):
     """The kernel with a hand-written warp-specialised "seesaw" schedule (same arguments and
     contract as the ``auto_ws`` one).
 
@@ -329,14 +335,15 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
     if ds_mla and split_loads:
         raise ValueError("656-byte fp8 rows have no split-load schedule")
 
-    def convert_block(w: int):
-        """Warpgroup ``w`` dequantises its block ``k`` (pair ``j``, stage ``w``), whose first slot
-        is ``nslot[0]``, and looks up block ``k + 2``'s slot for its next call. Rows past the range
-        become zeros (unused slots may hold NaN codes or scales)."""
+    def convert_ops(w: int):
+        """Warpgroup ``w``'s dequantisation of its block ``k`` (pair ``j``, stage ``w``), whose first
+        slot is ``nslot[0]``: ``fetch`` loads the codes and scales into registers (rows past the
+        range read as zeros: unused slots may hold NaN codes or scales), looks up block ``k + 2``'s
+        slot for the next fetch and waits until the stage's previous block is consumed; ``store``
+        writes the bf16 values of steps ``[lo, hi)``; ``publish`` makes them visible to the MMAs."""
 
         @T.macro
-        def convert(k, j, kl, kr, empty, KV, codes, scl, cv, nslot, tw, kv_indices, page_base,
-                    kv_begin, kv_end, s_kv):
+        def fetch(k, j, empty, KV, codes, scl, nslot, tw, kv_indices, page_base, kv_begin, kv_end, s_kv):
             start = kv_begin + k * BN
             for it in T.unroll(DQ_STEPS):
                 row = T.cast(nslot[0] + it // 2 * 8 + tw // 16, "int64") * s_kv
@@ -348,23 +355,32 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
             if start + 2 * BN < kv_end:
                 nslot[0] = (kv_indices[page_base + (start + 2 * BN) // PAGE] * PAGE
                             + (start + 2 * BN) % PAGE)
-            T.barrier_wait(empty[w], (j & 1) ^ 1)  # the stage's previous block is consumed
-            for it in T.unroll(DQ_STEPS):
-                T.call_extern("handle", "om_dq8", T.address_of(cv[0]), codes[4 * it], codes[4 * it + 1],
-                              scl[it])
-                T.call_extern("handle", "om_dq8", T.address_of(cv[8]), codes[4 * it + 2],
-                              codes[4 * it + 3], scl[it])
-                for v in T.vectorized(16):
-                    if it % 2 == 0:
-                        kl[it // 2 * 8 + tw // 16, tw % 16 * 16 + v] = cv[v]
-                    else:
-                        kr[it // 2 * 8 + tw // 16, tw % 16 * 16 + v] = cv[v]
+            T.barrier_wait(empty[w], (j & 1) ^ 1)
+
+        def store_steps(lo: int, hi: int):
+            @T.macro
+            def store(kl, kr, codes, scl, cv, tw):
+                for it in T.unroll(lo, hi):
+                    T.call_extern("handle", "om_dq8", T.address_of(cv[0]), codes[4 * it], codes[4 * it + 1],
+                                  scl[it])
+                    T.call_extern("handle", "om_dq8", T.address_of(cv[8]), codes[4 * it + 2],
+                                  codes[4 * it + 3], scl[it])
+                    for v in T.vectorized(16):
+                        if it % 2 == 0:
+                            kl[it // 2 * 8 + tw // 16, tw % 16 * 16 + v] = cv[v]
+                        else:
+                            kr[it // 2 * 8 + tw // 16, tw % 16 * 16 + v] = cv[v]
+
+            return store
+
+        @T.macro
+        def publish():
             T.fence_proxy_async()
             T.sync_threads(8 + w, 128)
 
-        return convert
+        return fetch, store_steps(0, dq_early), store_steps(dq_early, DQ_STEPS), publish
 
-    convert0, convert1 = convert_block(0), convert_block(1)
+    conv_ops = convert_ops(0), convert_ops(1)
 
     def own_block(w: int):
         """Block ``k`` (stage ``w``) for its owner, warpgroup ``w``."""
@@ -445,14 +461,14 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
             T.wait_wgmma(0)  # our P V of block k - 1 (stage w)
             if k > 0:
                 T.barrier_arrive(empty[w])
-            if ds_mla:
-                # our next block (k + 1, stage w), while the other warpgroup computes block k's P
-                if w == 1:
-                    convert1(k + 1, i, kl, kr, empty, KV, codes, scl, cv, nslot, tw, kv_indices,
-                             page_base, kv_begin, kv_end, s_kv)
-                elif i + 1 < n_pairs:
-                    convert0(k + 1, i + 1, kl, kr, empty, KV, codes, scl, cv, nslot, tw, kv_indices,
-                             page_base, kv_begin, kv_end, s_kv)
+            fetch, store_early, store_late, publish = conv_ops[w]
+            # 656-byte rows: our next block (k + 1, stage w). Its loads fly while the other
+            # warpgroup computes block k's S; steps [0, dq_early) are converted before our P V of
+            # block k is issued, the rest under it
+            if ds_mla and (w == 1 or i + 1 < n_pairs):  # (warpgroup 0's last block has no next)
+                fetch(k + 1, i + 1 - w, empty, KV, codes, scl, nslot, tw, kv_indices, page_base, kv_begin,
+                      kv_end, s_kv)
+                store_early(kl, kr, codes, scl, cv, tw)
             T.barrier_wait(ready[1 - w], i & 1)
             for r in T.Parallel(BLOCK_M):
                 m_i[r] = sm_s[r]
@@ -462,6 +478,9 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
             for r, c in T.Parallel(BLOCK_M, HALF):
                 acc_o[r, c] *= alpha[r]
             T.wgmma_gemm(p_s, v_half, acc_o, policy=ROW_POLICY)
+            if ds_mla and (w == 1 or i + 1 < n_pairs):
+                store_late(kl, kr, codes, scl, cv, tw)
+                publish()
 
         return other
 
@@ -629,8 +648,12 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
                     T.barrier_wait(bar_q[0], 0)
                     if ds_mla and n_pairs > 0:  # an empty range loads nothing
                         nslot[0] = kv_indices[page_base + kv_begin // PAGE] * PAGE + kv_begin % PAGE
-                        convert0(0, 0, kl0, kr0, empty, KV, codes, scl, cv, nslot, tx, kv_indices,
-                                 page_base, kv_begin, kv_end, s_kv)
+                        fetch0, store0_early, store0_late, publish0 = conv_ops[0]
+                        fetch0(0, 0, empty, KV, codes, scl, nslot, tx, kv_indices, page_base, kv_begin,
+                               kv_end, s_kv)
+                        store0_early(kl0, kr0, codes, scl, cv, tx)
+                        store0_late(kl0, kr0, codes, scl, cv, tx)
+                        publish0()
                     for i in T.serial(n_pairs):
                         own0(2 * i, i, q_l, q_r, qp_s, kl0, kr0, kp0, p_s, sm_s, sl_s, sa_s, full,
                              empty, ready, acc_s0, acc_p0, acc_o0, m_i0, l_i0, m_blk0, l_blk0, alpha0,

@@ -2,7 +2,7 @@
 of it: shared memory, cp.async copies, mma.sync vs wgmma instructions, layout conversions.
 
     python benchmarks/compile_check.py [--block-n 32] [--stages 3] [--block-m 16] [--warps 4]
-                                       [--kv-format 0|1|2] [--gather] [--plain-cvt]
+                                       [--kv-format 0|1|2] [--gather] [--plain-cvt] [--fixed-point-sum]
 
 Writes the TTGIR and PTX to --out (default /tmp). Uses the installed triton's own compiler, so
 the answer is for that version (the GPU machine has triton 3.6; check there for its answer).
@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--block-m", type=int, default=16)
     p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--fixed-point-sum", action="store_true", help="batch-invariant mode's row sums")
     p.add_argument("--kv-format", type=int, default=0, help="0 bf16, 1 fp8 per-tensor, 2 656-byte rows")
     p.add_argument("--gather", action="store_true", help="page size not a multiple of BLOCK_N")
     p.add_argument("--plain-cvt", action="store_true", help="Triton's fp8 casts, not the PTX dequantisation")
@@ -34,7 +35,7 @@ def main() -> None:
     a = p.parse_args()
     fn = _mla_decode_kernel
     const = {"H": 16, "D_CKV": 512, "D_KPE": 64, "PAGE_SIZE": 64, "BLOCK_M": a.block_m,
-             "BLOCK_N": a.block_n, "IS_CAUSAL": False, "ONE_PAGE_PER_BLOCK": not a.gather,
+             "BLOCK_N": a.block_n, "FIXED_POINT_SUM": a.fixed_point_sum, "IS_CAUSAL": False, "ONE_PAGE_PER_BLOCK": not a.gather,
              "PAGE_WINDOW": PAGE_WINDOW, "DOT_FP32": False, "KV_FORMAT": a.kv_format,
              "ASM_CVT": bool(a.kv_format) and not a.plain_cvt}  # what launch_decode picks on sm_90
     ptrs = {"q_nope": "*bf16", "q_pe": "*bf16", "ckv": "*bf16", "kpe": "*bf16", "out": "*bf16",

@@ -2,7 +2,8 @@
 
 One paged cache holds a request R and a crowd of others; sub-batches of different size,
 composition and order (others short and long enough to change the balanced schedule) are
-planned with ``deterministic=True`` and R's rows must match bit for bit. Runs under the
+planned with ``deterministic=True`` and R's rows must match bit for bit, also beside requests of
+more query tokens (which change the tile and the row blocks of the launch). Runs under the
 interpreter on the CPU (where the property is about the schedule and the merge order) and, in the
 ``gpu`` variant, with compiled kernels at realistic lengths.
 """
@@ -69,6 +70,15 @@ def test_request_bitwise_identical_across_batches(num_heads: int, qo_len: int, d
     check_invariance(case, [[0, 1], [2, 0, 4], [4, 3, 2, 1, 0], [1, 0, 1, 4]], workspace)
 
 
+@pytest.mark.parametrize("r_qo_len", [1, 2])
+def test_mixed_query_lengths(r_qo_len: int, device, workspace) -> None:
+    """Batch mates with more query tokens change the launch (a program takes two 16-row blocks,
+    more row blocks), never request 0's arithmetic."""
+    case = make_paged_case([2500, 40, 7000, 0, 300], 16, 64, qo_len=[r_qo_len, 2, 3, 0, 1], causal=True,
+                           device=device, seed=4)
+    check_invariance(case, [[0, 1], [0, 2], [4, 0], [2, 0, 4, 3, 1]], workspace)
+
+
 def test_request_with_many_pieces_uses_fixed_order(device, workspace) -> None:
     """20 pieces (> the in-kernel merge limit): the merge kernel's order is fixed too."""
     case = make_paged_case([20 * 1024 - 5, 64, 3000], 2, 64, device=device, seed=5)
@@ -82,3 +92,15 @@ def test_request_bitwise_identical_across_batches_gpu(num_heads: int) -> None:
     case = make_paged_case(lens, num_heads, 64, device="cuda", seed=11)
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     check_invariance(case, [[0, 1], [2, 0, 3], [7, 6, 5, 4, 3, 2, 1, 0], [0, 5, 5, 5, 5, 5, 5, 5, 5]], ws)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r_qo_len", [1, 2])
+def test_mixed_query_lengths_gpu(r_qo_len: int) -> None:
+    """Compiled kernels: one 16-row block per program (request 0 alone with one query token) and
+    two per program (beside requests of 2 and 3 tokens) give request 0 the same bits."""
+    lens = [9000, 100, 65000, 4096, 31, 20000, 4096, 4096]
+    case = make_paged_case(lens, 16, 64, qo_len=[r_qo_len, 2, 3, 1, 2, 1, 2, 3], causal=True, device="cuda",
+                           seed=12)
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    check_invariance(case, [[0, 1], [2, 0, 3], [7, 6, 5, 4, 3, 2, 1, 0], [0, 5, 5, 5]], ws)

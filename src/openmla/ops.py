@@ -183,7 +183,7 @@ def paged_decode(
     launch: list[int],
 ) -> None:
     """``sizes = [batch, work_capacity, token_capacity, partial_rows, row_blocks, merge_kernel,
-    backend]``; ``launch = [block_m, block_n, num_warps, num_stages]`` (the decode) followed by
+    backend]``; ``launch = [block_m, block_n, num_warps, num_stages, fixed_point_sum]`` (the decode) followed by
     the merge kernel's ``[block_h, block_d, block_s, num_warps, num_stages]``."""
     batch, work_cap, tok_cap, rows, row_blocks, merge_kernel, backend = sizes
     part_o, part_lse = slice_workspace(workspace, rows, q_nope.shape[-1])
@@ -205,10 +205,10 @@ def paged_decode(
         sm_scale,
         causal,
         row_blocks,
-        DecodeConfig(*launch[:4]),
+        DecodeConfig(*launch[:4], fixed_point_sum=bool(launch[4])),
         bool(merge_kernel),
         backend,
-        ReduceConfig(*launch[4:]),
+        ReduceConfig(*launch[5:]),
     )
 
 

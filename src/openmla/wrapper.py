@@ -187,8 +187,9 @@ class BatchMLAPagedAttentionWrapper:
                 the ``OPENMLA_NUM_SPLITS`` environment variable, else the balanced schedule.
             deterministic: batch-invariant mode: a request's ``out`` and ``lse`` are bitwise the
                 same whatever else is in the batch (its KV is cut at fixed multiples of
-                ``config.deterministic_chunk(num_heads)`` tokens, the tile depends on ``num_heads`` only, pieces
-                merge in a fixed order). For RL rollouts and reproducible serving.
+                ``config.deterministic_chunk(num_heads)`` tokens, its softmax steps and row sums do
+                not depend on the tile (``config.deterministic_config``), pieces merge in a fixed
+                order). For RL rollouts and reproducible serving.
             decode_config: override the table's launch configuration (tuning runs).
         """
         num_heads = check_int("num_heads", num_heads, low=1, high=MAX_HEADS)
@@ -257,9 +258,12 @@ class BatchMLAPagedAttentionWrapper:
         if backend == BACKEND_TILELANG:
             cfg, sched_cfg, inline_max = decode_tilelang.PLAN_CONFIG, TILELANG_SCHEDULE, 0
         else:
-            # In deterministic mode the tile shape must not depend on the batch: size it by heads.
-            cfg = decode_config or _config.decode_config(num_heads if deterministic else max_rows, page_size,
-                                                            kv_format)
+            if decode_config is not None:
+                cfg = decode_config
+            elif deterministic:  # the tile must not depend on the batch
+                cfg = _config.deterministic_config(num_heads, max_rows, page_size, kv_format)
+            else:
+                cfg = _config.decode_config(max_rows, page_size, kv_format)
             sched_cfg, inline_max = _config.DEFAULT_SCHEDULE, _config.INLINE_MERGE_MAX
         row_blocks = max(1, cdiv(max_rows, cfg.block_m))
         num_sms = self._num_sms()
@@ -404,7 +408,8 @@ class BatchMLAPagedAttentionWrapper:
         if torch.compiler.is_compiling():
             paged_decode(q_nope, q_pe, ckv_cache, kpe_cache, scale_t, p.kv_format, p.kv_indices,
                          self._meta, self._workspace, self._counters, out, lse, p.sizes, p.sm_scale,
-                         p.causal, [*dataclasses.astuple(p.config), *dataclasses.astuple(p.merge_config)])
+                         p.causal, [int(v) for v in (*dataclasses.astuple(p.config),
+                                                     *dataclasses.astuple(p.merge_config))])
         else:
             ckv, kpe, scales = kv_views(p.kv_format, ckv_cache, kpe_cache, scale_t)
             run_planned_decode(q_nope, q_pe, ckv, kpe, scales, p.kv_format, p.kv_indices, p.arrays,

@@ -182,8 +182,13 @@ def _dequant_kv(b_ckv, b_kpe, b_sc, q_dtype: tl.constexpr, KV_FORMAT: tl.constex
 
 
 @triton.jit
-def _attend_block(b_qn, b_qp, b_ckv, b_kpe, o_n, kv_end, b_last, b_m, b_l, b_acc, scale_log2):
-    """Online-softmax update with one KV block: tokens ``o_n`` [BLOCK_N], rows [BLOCK_M]."""
+def _attend_block(b_qn, b_qp, b_ckv, b_kpe, o_n, kv_end, b_last, b_m, b_l, b_acc, scale_log2,
+                  FIXED_POINT_SUM: tl.constexpr):
+    """Online-softmax update with one KV block: tokens ``o_n`` [BLOCK_N], rows [BLOCK_M].
+    ``FIXED_POINT_SUM``: the row sum of P (values in [0, 1]) in 2**-32 units, an integer sum whose
+    result does not depend on the reduction order the tile's layout gives (the dots' results
+    per element and the max do not either); truncation costs < BLOCK_N * 2**-32 against a sum
+    >= 1 once a row has seen its max."""
     m_n = o_n < kv_end
     b_s = tl.dot(b_qn, tl.trans(b_ckv))
     b_s = tl.dot(b_qp, tl.trans(b_kpe), b_s) * scale_log2  # [BLOCK_M, BLOCK_N]
@@ -193,7 +198,10 @@ def _attend_block(b_qn, b_qp, b_ckv, b_kpe, o_n, kv_end, b_last, b_m, b_l, b_acc
     b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows with no key yet
     b_alpha = tl.math.exp2(b_m - b_m_safe)
     b_p = tl.math.exp2(b_s - b_m_safe[:, None])  # [BLOCK_M, BLOCK_N]
-    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    if FIXED_POINT_SUM:
+        b_l = b_l * b_alpha + tl.sum((b_p * 4294967296.0).to(tl.int64), 1).to(tl.float32) * 2.3283064365386963e-10
+    else:
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
     b_acc = b_acc * b_alpha[:, None]
     b_acc = tl.dot(b_p.to(b_ckv.dtype), b_ckv, b_acc)  # [BLOCK_M, D_CKV]
     return b_m_new, b_l, b_acc
@@ -242,6 +250,7 @@ def _mla_decode_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    FIXED_POINT_SUM: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     ONE_PAGE_PER_BLOCK: tl.constexpr,
     PAGE_WINDOW: tl.constexpr,
@@ -319,7 +328,7 @@ def _mla_decode_kernel(
                 b_ckv, b_kpe = _dequant_kv(b_ckv, b_kpe, b_sc, q_nope.dtype.element_ty, KV_FORMAT, BLOCK_N,
                                            D_CKV, DOT_FP32, ASM_CVT)
                 b_m, b_l, b_acc = _attend_block(b_qn, b_qp, b_ckv, b_kpe, o_n, kv_end, b_last,
-                                                b_m, b_l, b_acc, scale_log2)
+                                                b_m, b_l, b_acc, scale_log2, FIXED_POINT_SUM)
     else:
         for start in range(kv_begin, kv_end, BLOCK_N):
             o_n = start + o_blk  # [BLOCK_N] request-local token ids
@@ -332,7 +341,7 @@ def _mla_decode_kernel(
             b_ckv, b_kpe = _dequant_kv(b_ckv, b_kpe, b_sc, q_nope.dtype.element_ty, KV_FORMAT, BLOCK_N,
                                        D_CKV, DOT_FP32, ASM_CVT)
             b_m, b_l, b_acc = _attend_block(b_qn, b_qp, b_ckv, b_kpe, o_n, kv_end, b_last,
-                                            b_m, b_l, b_acc, scale_log2)
+                                            b_m, b_l, b_acc, scale_log2, FIXED_POINT_SUM)
 
     m_seen = b_l > 0.0
     b_l_safe = tl.where(m_seen, b_l, 1.0)
@@ -469,6 +478,7 @@ def launch_decode(
             "PAGE_SIZE": ckv_cache.shape[1],
             "BLOCK_M": config.block_m,
             "BLOCK_N": config.block_n,
+            "FIXED_POINT_SUM": config.fixed_point_sum,
             "IS_CAUSAL": causal,
             "ONE_PAGE_PER_BLOCK": ckv_cache.shape[1] % config.block_n == 0,
             "PAGE_WINDOW": PAGE_WINDOW,

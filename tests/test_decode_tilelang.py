@@ -12,7 +12,7 @@ import torch
 
 from openmla import BatchMLAPagedAttentionWrapper
 from openmla.kernels.decode_tilelang import SCHEDULES, supports, tilelang_available
-from openmla.testing import assert_attention_close, make_paged_case, nan_like, to_fp8_ds_mla
+from openmla.testing import assert_attention_close, make_paged_case, nan_like, run_and_check, to_fp8_ds_mla
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not tilelang_available(), reason="tilelang is not installed")]
@@ -35,14 +35,7 @@ def _schedule(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 
 def _check(wrapper: BatchMLAPagedAttentionWrapper, case, num_splits=None, deterministic=False,
            expect: str = "tilelang") -> tuple[torch.Tensor, torch.Tensor]:
-    wrapper.plan(*case.plan_args(), num_splits=num_splits, deterministic=deterministic)
-    assert wrapper.backend == expect
-    out = nan_like(case.q_nope)
-    lse = torch.full(case.q_nope.shape[:2], float("nan"), device=CUDA)
-    wrapper.run(*case.run_args(), out=out, lse=lse, return_lse=True)
-    torch.cuda.synchronize()
-    assert_attention_close(out, lse, case.reference(), case.lowp_reference())
-    return out, lse
+    return run_and_check(wrapper, case, num_splits, deterministic, expect_backend=expect)
 
 
 # (kv_lens, heads, page, qo_len, causal, dtype, num_splits, packed)

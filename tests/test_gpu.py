@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from openmla import BatchMLAPagedAttentionWrapper, merge_states
-from openmla.testing import PagedCase, assert_attention_close, make_paged_case, nan_like
+from openmla.testing import PagedCase, assert_attention_close, make_paged_case, nan_like, run_and_check
 
 pytestmark = pytest.mark.gpu
 
@@ -29,12 +29,7 @@ def _lengths(batch: int, max_kv: int, seed: int, with_empty: bool) -> list[int]:
 
 
 def _run_and_check(wrapper: BatchMLAPagedAttentionWrapper, case: PagedCase, num_splits: int | None) -> None:
-    wrapper.plan(*case.plan_args(), num_splits=num_splits)
-    out = nan_like(case.q_nope)
-    lse = torch.full(case.q_nope.shape[:2], float("nan"), device=CUDA)
-    wrapper.run(*case.run_args(), out=out, lse=lse, return_lse=True)
-    torch.cuda.synchronize()
-    assert_attention_close(out, lse, case.reference(), case.lowp_reference())
+    run_and_check(wrapper, case, num_splits)
 
 
 # Realistic shapes. Each batch size meets every head count and several page sizes (1, 16, 64 and

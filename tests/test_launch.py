@@ -9,7 +9,7 @@ import torch
 
 from openmla import BatchMLAPagedAttentionWrapper
 from openmla.kernels import launch as fast
-from openmla.testing import assert_attention_close, make_paged_case, nan_like
+from openmla.testing import assert_attention_close, make_paged_case, nan_like, run_and_check
 
 
 def _dummy_kernel() -> None: ...
@@ -35,12 +35,7 @@ def test_recorded_launch_matches_reference(heads: int, page: int, splits: int | 
     wrapper = BatchMLAPagedAttentionWrapper(torch.empty(64 << 20, dtype=torch.uint8, device=cuda))
     for seed in range(3):  # the first call records; the others take the direct path
         case = make_paged_case([700, 0, 129, 2048], heads, page, device=cuda, seed=seed)
-        wrapper.plan(*case.plan_args(), num_splits=splits)
-        out = nan_like(case.q_nope)
-        lse = torch.full(case.q_nope.shape[:2], float("nan"), device=cuda)
-        wrapper.run(*case.run_args(), out=out, lse=lse, return_lse=True)
-        torch.cuda.synchronize()
-        assert_attention_close(out, lse, case.reference(), case.lowp_reference())
+        run_and_check(wrapper, case, splits)
     assert fast._CACHE, "no launch was recorded"
     # queries at an odd element offset (2-byte aligned) and output rows at a wider stride:
     # another specialisation, compiled and recorded beside the first

@@ -204,3 +204,20 @@ def assert_attention_close(
     budget_lse = 2 * lp_err_lse + 1e-5 * lse_scale
     assert err_lse <= budget_lse, f"lse error {err_lse:.3e} > budget {budget_lse:.3e} (low-precision torch {lp_err_lse:.3e})"
     return {"out_err": err_out, "out_budget": budget_out, "lse_err": err_lse, "lse_budget": budget_lse}
+
+
+def run_and_check(wrapper, case: PagedCase, num_splits: int | None = None, deterministic: bool = False,
+                  expect_backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plan ``case`` on ``wrapper``, run it into NaN-poisoned ``out`` / ``lse`` and check them
+    against the oracle (:func:`assert_attention_close`); ``expect_backend``: the kernel the plan
+    must pick. Returns ``(out, lse)``."""
+    wrapper.plan(*case.plan_args(), num_splits=num_splits, deterministic=deterministic)
+    if expect_backend is not None:
+        assert wrapper.backend == expect_backend
+    out = nan_like(case.q_nope)
+    lse = torch.full(case.q_nope.shape[:2], float("nan"), device=case.q_nope.device)
+    wrapper.run(*case.run_args(), out=out, lse=lse, return_lse=True)
+    if out.is_cuda:
+        torch.cuda.synchronize()
+    assert_attention_close(out, lse, case.reference(), case.lowp_reference())
+    return out, lse

@@ -39,6 +39,7 @@ from openmla.kernels.launch import launch
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+FIXED_ONE = tl.constexpr(4294967296.0)  # 2**32: the unit of the batch-invariant row sums
 PAGE_WINDOW = 64  # page ids held in registers per window (one index load per 4096 tokens at page 64)
 
 
@@ -199,7 +200,7 @@ def _attend_block(b_qn, b_qp, b_ckv, b_kpe, o_n, kv_end, b_last, b_m, b_l, b_acc
     b_alpha = tl.math.exp2(b_m - b_m_safe)
     b_p = tl.math.exp2(b_s - b_m_safe[:, None])  # [BLOCK_M, BLOCK_N]
     if FIXED_POINT_SUM:
-        b_l = b_l * b_alpha + tl.sum((b_p * 4294967296.0).to(tl.int64), 1).to(tl.float32) * 2.3283064365386963e-10
+        b_l = b_l * b_alpha + tl.sum((b_p * FIXED_ONE).to(tl.int64), 1).to(tl.float32) * (1.0 / FIXED_ONE)
     else:
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
     b_acc = b_acc * b_alpha[:, None]

@@ -291,7 +291,7 @@ DQ_EARLY = 12  # steps converted before the P V they follow is issued, the rest 
 
 
 def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split_loads: bool = False,
-                 ds_mla: bool = False, dq_early: int = DQ_STEPS):
+                 ds_mla: bool = False, dq_early: int = DQ_EARLY):
     """The kernel with a hand-written warp-specialised "seesaw" schedule (same arguments and
     contract as the ``auto_ws`` one).
 

@@ -155,6 +155,11 @@ DS_MLA_CASES = [
     ([8192, 300, 3], 64, 128, 3, True, 20),
     ([5000, 70, 1, 0], 64, 64, 1, False, 1),
     ([1000, 2000, 64], 128, 192, 2, True, 2),
+    # fewer than 64 rows a request, padded to the block: only the request's rows are stored
+    ([8192, 300, 2, 0, 65], 16, 64, 1, False, None),
+    ([4096, 70, 1], 8, 128, 2, True, 3),
+    ([3000, 129, 64], 24, 64, 3, True, None),  # 72 rows: a second block with 8 of them
+    ([5000, 1], 32, 64, 1, False, 1),  # unsplit: the output rows directly
 ]
 
 
@@ -193,6 +198,16 @@ def test_ds_mla_rows_against_oracle(params: tuple, _schedule: str, gpu_workspace
     case = make_paged_case(kv_lens, heads, page, qo_len=qo, causal=causal, device=CUDA,
                            seed=3 * heads + page + len(kv_lens))
     _check_ds_mla(case, splits, _schedule, gpu_workspace)
+
+
+def test_ds_mla_head_counts_routed(_schedule: str) -> None:
+    """656-byte rows take this path at head counts that are multiples of 8 (padded to 64 rows);
+    16-bit caches need multiples of 64; odd counts (whose MMAs ptxas serialises) stay on Triton."""
+    if _schedule != "seesaw":
+        pytest.skip("656-byte rows run the seesaw schedule")
+    assert supports(16, 64, "ds_mla", CUDA) and supports(8, 128, "ds_mla", CUDA)
+    assert not supports(9, 64, "ds_mla", CUDA) and not supports(1, 64, "ds_mla", CUDA)
+    assert not supports(16, 64, "plain", CUDA) and supports(64, 64, "plain", CUDA)
 
 
 def test_ds_mla_w9_shape(_schedule: str, gpu_workspace: torch.Tensor) -> None:

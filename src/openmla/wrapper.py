@@ -142,7 +142,8 @@ class BatchMLAPagedAttentionWrapper:
             raise ValueError(
                 "OPENMLA_DECODE_BACKEND=tilelang needs tilelang installed, a Hopper GPU, a 16-bit "
                 "cache or 656-byte fp8 rows (the latter in the default schedule), num_heads % 64 == 0 "
-                f"and page_size % 64 == 0; got num_heads={num_heads}, page_size={page_size}")
+                "(% 8 for fp8 rows) and page_size % 64 == 0; "
+                f"got num_heads={num_heads}, page_size={page_size}")
         return BACKEND_TILELANG if ok else BACKEND_TRITON
 
     def plan(

@@ -1,11 +1,13 @@
 """Compute-bound decode in TileLang (Hopper warpgroup MMA), the optional fast path for tiles of
-64 query rows (``num_heads % 64 == 0``: 64 or 128 heads, any ``qo_len``).
+64 query rows (``num_heads % 64 == 0``: 64 or 128 heads, any ``qo_len``; 656-byte fp8 rows at
+``num_heads % 8 == 0``).
 
 One program handles one work item of the plan (see ``openmla.schedule``) for one 64-row block:
 the plan's arrays are read exactly as the Triton kernel reads them, so both paths share the
 schedule, the workspace and the merge kernel. A row block is 64 consecutive rows of the
 flattened ``[T * H, 512]`` queries (token-major, then head), so with ``H % 64 == 0`` it never
-straddles two requests.
+straddles two requests; below that (fp8 rows), the rows past the request's are computed and not
+stored.
 
 Layout of a program (256 threads, two warpgroups): ``S = Q K^T`` is split by columns between the
 warpgroups and exchanged through shared memory, the ``[64, 512]`` fp32 output accumulator is
@@ -58,7 +60,12 @@ def supports(num_heads: int, page_size: int, layout: str | None, device: torch.d
     rows run in the default schedule only."""
     if layout not in CACHE_LAYOUTS or (layout == "ds_mla" and _schedule_name() != "seesaw"):
         return False
-    return (device.type == "cuda" and num_heads % BLOCK_M == 0 and page_size % BLOCK_N == 0
+    # fp8 rows pad a head count to the 64-row block: the Triton kernel's dequantisation costs
+    # more than the padded rows' MMAs (docs/perf-notes.md). Multiples of 8 only: at odd counts
+    # ptxas serialises the kernel's MMAs (C7515). 16-bit caches below 64 heads stream faster
+    # through Triton's 16/32-row tiles.
+    heads_ok = num_heads % (8 if layout == "ds_mla" else BLOCK_M) == 0
+    return (device.type == "cuda" and heads_ok and page_size % BLOCK_N == 0
             and _is_hopper(device) and tilelang_available())
 
 
@@ -332,6 +339,9 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
     rows, slots, n_idx, batch1, batch, work, part_rows, s_qn, s_qp, s_kv, s_kpe, s_o = _shape_vars()
 
     parts = 3 if split_loads else 1  # full barriers per stage
+    # 656-byte rows at any head count: a request's rows padded to the 64-row block (Q rows past
+    # them are other requests' or TMA zeros, computed and never stored)
+    padded_rows = H % BLOCK_M != 0
     if ds_mla and split_loads:
         raise ValueError("656-byte fp8 rows have no split-load schedule")
 
@@ -387,7 +397,7 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
 
         @T.macro
         def own(k, i, q_l, q_r, qp_s, kl, kr, kp, p_s, sm_s, sl_s, sa_s, full, empty, ready,
-                acc_s, acc_p, acc_o, m_i, l_i, m_blk, l_blk, alpha, kv_begin, kv_end, shift, tok0,
+                acc_s, acc_p, acc_o, m_i, l_i, m_blk, l_blk, alpha, kv_begin, kv_end, shift, rq0,
                 scale_log2):
             start = kv_begin + k * BN
             # the P V of block k - 1 (the other warpgroup's) completes first: its stage is released
@@ -419,7 +429,7 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
             for r, c in T.Parallel(BLOCK_M, BN):
                 if causal:
                     acc_s[r, c] = T.if_then_else(
-                        start + c <= T.min(kv_end - 1, shift + tok0 + r // H),
+                        start + c <= T.min(kv_end - 1, shift + (rq0 + r) // H),
                         acc_s[r, c] * scale_log2, -T.infinity(acc))
                 else:
                     acc_s[r, c] = T.if_then_else(start + c < kv_end, acc_s[r, c] * scale_log2,
@@ -488,14 +498,33 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
     other0, other1 = other_block(0), other_block(1)
 
     @T.macro
-    def epilogue(w, acc_o, m_i, l_i, lse_f, Out, Lse, PartO, PartLse, row0, part_row, i_m):
+    def epilogue(w, acc_o, m_i, l_i, lse_f, Out, Lse, PartO, PartLse, row0, part_row, i_m, valid):
         T.wait_wgmma(0)
         T.warpgroup_fence_operand(acc_o, num_regs=BLOCK_M * HALF // 128)
         for r, c in T.Parallel(BLOCK_M, HALF):
             acc_o[r, c] = acc_o[r, c] / T.if_then_else(l_i[r] > 0, l_i[r], 1)
         for r in T.Parallel(BLOCK_M):
             lse_f[r] = T.if_then_else(l_i[r] > 0, (m_i[r] + T.log2(l_i[r])) * LN2, -T.infinity(acc))
-        if part_row < 0:
+        if padded_rows:
+            # the block's rows past its request's (``valid``) belong to other requests or pieces
+            if part_row < 0:
+                for r, c in T.Parallel(BLOCK_M, HALF):
+                    if r < valid:
+                        Out[row0 + r, w * HALF + c] = T.cast(acc_o[r, c], dtype)
+                if w == 0:
+                    for r in T.Parallel(BLOCK_M):
+                        if r < valid:
+                            Lse[row0 + r] = lse_f[r]
+            else:
+                prow = part_row + i_m * BLOCK_M
+                for r, c in T.Parallel(BLOCK_M, HALF):
+                    if r < valid:
+                        PartO[prow + r, w * HALF + c] = acc_o[r, c]
+                if w == 0:
+                    for r in T.Parallel(BLOCK_M):
+                        if r < valid:
+                            PartLse[prow + r] = lse_f[r]
+        elif part_row < 0:
             T.copy(acc_o, Out[row0:row0 + BLOCK_M, w * HALF:w * HALF + HALF])
             if w == 0:
                 T.copy(lse_f, Lse[row0:row0 + BLOCK_M])
@@ -636,7 +665,7 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
                 part_row = sc[3]
                 shift = sc[4]
                 row0 = q_begin * H + i_m * BLOCK_M
-                tok0 = i_m * BLOCK_M // H
+                rq0 = i_m * BLOCK_M  # request-local row of the block's first row (of token rq0 // H)
                 n_blocks = T.ceildiv(kv_end - kv_begin, BN)
                 n_pairs = T.ceildiv(n_blocks, 2)
 
@@ -657,11 +686,12 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
                     for i in T.serial(n_pairs):
                         own0(2 * i, i, q_l, q_r, qp_s, kl0, kr0, kp0, p_s, sm_s, sl_s, sa_s, full,
                              empty, ready, acc_s0, acc_p0, acc_o0, m_i0, l_i0, m_blk0, l_blk0, alpha0,
-                             kv_begin, kv_end, shift, tok0, scale_log2)
+                             kv_begin, kv_end, shift, rq0, scale_log2)
                         other0(2 * i + 1, i, kl1, p_s, sm_s, sl_s, sa_s, empty, ready, acc_o0,
                                m_i0, l_i0, alpha0, kl0, kr0, KV, codes, scl, cv, nslot, tx, kv_indices,
                                page_base, kv_begin, kv_end, s_kv, n_pairs)
-                    epilogue(0, acc_o0, m_i0, l_i0, lse0, Out, Lse, PartO, PartLse, row0, part_row, i_m)
+                    epilogue(0, acc_o0, m_i0, l_i0, lse0, Out, Lse, PartO, PartLse, row0, part_row, i_m,
+                             qo_len * H - i_m * BLOCK_M)
                 elif tx >= 128 and tx < 256:
                     T.set_max_nreg(SEESAW_CONSUMER_REGS, 1)
                     T.fill(acc_o1, 0)
@@ -677,8 +707,9 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
                                kv_indices, page_base, kv_begin, kv_end, s_kv, n_pairs)
                         own1(2 * i + 1, i, q_l, q_r, qp_s, kl1, kr1, kp1, p_s, sm_s, sl_s, sa_s,
                              full, empty, ready, acc_s1, acc_p1, acc_o1, m_i1, l_i1, m_blk1,
-                             l_blk1, alpha1, kv_begin, kv_end, shift, tok0, scale_log2)
-                    epilogue(1, acc_o1, m_i1, l_i1, lse1, Out, Lse, PartO, PartLse, row0, part_row, i_m)
+                             l_blk1, alpha1, kv_begin, kv_end, shift, rq0, scale_log2)
+                    epilogue(1, acc_o1, m_i1, l_i1, lse1, Out, Lse, PartO, PartLse, row0, part_row, i_m,
+                             qo_len * H - i_m * BLOCK_M)
                 else:
                     T.set_max_nreg(SEESAW_PRODUCER_REGS, 0)
                     T.tma_copy(Q[row0:row0 + BLOCK_M, 0:HALF], q_l, barrier=bar_q[0])

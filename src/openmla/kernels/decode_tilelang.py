@@ -88,6 +88,11 @@ def _shape_vars():
 SCHEDULES = ("seesaw", "seesaw_split", "auto_ws")
 
 
+def _slot_of(kv_indices, page_base, start, page: int):
+    """The cache slot of request-local token ``start`` (a KV block's rows lie in one page)."""
+    return kv_indices[page_base + start // page] * page + start % page
+
+
 def _schedule_name() -> str:
     return os.environ.get("OPENMLA_TILELANG_SCHEDULE") or SCHEDULES[0]
 
@@ -231,7 +236,7 @@ def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
                 n_blocks = T.ceildiv(kv_end - kv_begin, block_n)
                 for k in T.Pipelined(n_blocks, num_stages=num_stages):
                     start = kv_begin + k * block_n
-                    slot0 = kv_indices[page_base + start // PAGE] * PAGE + start % PAGE
+                    slot0 = _slot_of(kv_indices, page_base, start, PAGE)
                     T.copy(KV[slot0:slot0 + block_n, :], kv_s)
                     T.copy(KPE[slot0:slot0 + block_n, :], kpe_s)
                     attend(q_s, qp_s, kv_s, kpe_s, p_s, acc_s, acc_o, m_i, m_prev, alpha, l_blk, l_i,
@@ -363,8 +368,7 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
                 scl[it] = T.call_extern("float32", "om_ldgf", T.access_ptr(KV, "r"),
                                         row + DS_MLA_SCALES_AT + (2 * (it % 2) + tw % 16 // 8) * 4, ok)
             if start + 2 * BN < kv_end:
-                nslot[0] = (kv_indices[page_base + (start + 2 * BN) // PAGE] * PAGE
-                            + (start + 2 * BN) % PAGE)
+                nslot[0] = _slot_of(kv_indices, page_base, start + 2 * BN, PAGE)
             T.barrier_wait(empty[w], (j & 1) ^ 1)
 
         def store_steps(lo: int, hi: int):
@@ -498,6 +502,23 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
     other0, other1 = other_block(0), other_block(1)
 
     @T.macro
+    def store_rows(w, acc_o, lse_f, Dst, DstLse, first, valid):
+        """Warpgroup ``w``'s output columns of the block (and the lse, once) at row ``first``."""
+        if padded_rows:
+            # the block's rows past its request's (``valid``) belong to other requests or pieces
+            for r, c in T.Parallel(BLOCK_M, HALF):
+                if r < valid:
+                    Dst[first + r, w * HALF + c] = T.cast(acc_o[r, c], Dst.dtype)
+            if w == 0:
+                for r in T.Parallel(BLOCK_M):
+                    if r < valid:
+                        DstLse[first + r] = lse_f[r]
+        else:
+            T.copy(acc_o, Dst[first:first + BLOCK_M, w * HALF:w * HALF + HALF])
+            if w == 0:
+                T.copy(lse_f, DstLse[first:first + BLOCK_M])
+
+    @T.macro
     def epilogue(w, acc_o, m_i, l_i, lse_f, Out, Lse, PartO, PartLse, row0, part_row, i_m, valid):
         T.wait_wgmma(0)
         T.warpgroup_fence_operand(acc_o, num_regs=BLOCK_M * HALF // 128)
@@ -505,34 +526,10 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
             acc_o[r, c] = acc_o[r, c] / T.if_then_else(l_i[r] > 0, l_i[r], 1)
         for r in T.Parallel(BLOCK_M):
             lse_f[r] = T.if_then_else(l_i[r] > 0, (m_i[r] + T.log2(l_i[r])) * LN2, -T.infinity(acc))
-        if padded_rows:
-            # the block's rows past its request's (``valid``) belong to other requests or pieces
-            if part_row < 0:
-                for r, c in T.Parallel(BLOCK_M, HALF):
-                    if r < valid:
-                        Out[row0 + r, w * HALF + c] = T.cast(acc_o[r, c], dtype)
-                if w == 0:
-                    for r in T.Parallel(BLOCK_M):
-                        if r < valid:
-                            Lse[row0 + r] = lse_f[r]
-            else:
-                prow = part_row + i_m * BLOCK_M
-                for r, c in T.Parallel(BLOCK_M, HALF):
-                    if r < valid:
-                        PartO[prow + r, w * HALF + c] = acc_o[r, c]
-                if w == 0:
-                    for r in T.Parallel(BLOCK_M):
-                        if r < valid:
-                            PartLse[prow + r] = lse_f[r]
-        elif part_row < 0:
-            T.copy(acc_o, Out[row0:row0 + BLOCK_M, w * HALF:w * HALF + HALF])
-            if w == 0:
-                T.copy(lse_f, Lse[row0:row0 + BLOCK_M])
+        if part_row < 0:
+            store_rows(w, acc_o, lse_f, Out, Lse, row0, valid)
         else:
-            prow = part_row + i_m * BLOCK_M
-            T.copy(acc_o, PartO[prow:prow + BLOCK_M, w * HALF:w * HALF + HALF])
-            if w == 0:
-                T.copy(lse_f, PartLse[prow:prow + BLOCK_M])
+            store_rows(w, acc_o, lse_f, PartO, PartLse, part_row + i_m * BLOCK_M, valid)
 
     def load_stage(b: int):
         """The producer's load of block ``k`` into stage ``b``."""
@@ -542,8 +539,7 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
                  n_blocks, s_kv, tp):
             # the page lookup (dependent global loads) runs before the wait, not on the critical path
             if k < n_blocks:
-                slot[0] = (kv_indices[page_base + (kv_begin + k * BN) // PAGE] * PAGE
-                           + (kv_begin + k * BN) % PAGE)
+                slot[0] = _slot_of(kv_indices, page_base, kv_begin + k * BN, PAGE)
             T.barrier_wait(empty[b], (i & 1) ^ 1)
             if k < n_blocks:
                 if split_loads:
@@ -560,9 +556,8 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
                 # so the consumers' loads wait on L2, not HBM
                 if ds_mla and k + 2 < n_blocks and tp == 0:
                     T.call_extern("handle", "om_prefetch_l2", T.access_ptr(KV, "r"),
-                                  T.cast(kv_indices[page_base + (kv_begin + (k + 2) * BN) // PAGE] * PAGE
-                                         + (kv_begin + (k + 2) * BN) % PAGE, "int64") * s_kv,
-                                  BN * s_kv)
+                                  T.cast(_slot_of(kv_indices, page_base, kv_begin + (k + 2) * BN, PAGE), "int64")
+                                  * s_kv, BN * s_kv)
             else:
                 # a phantom block past the range (odd count): nothing to load, the owner masks it
                 # whole (P = 0, its V rows zeroed, the max unchanged: alpha = 1)
@@ -666,6 +661,7 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
                 shift = sc[4]
                 row0 = q_begin * H + i_m * BLOCK_M
                 rq0 = i_m * BLOCK_M  # request-local row of the block's first row (of token rq0 // H)
+                valid = qo_len * H - rq0  # the request's rows from the block's first on (>= 64: all)
                 n_blocks = T.ceildiv(kv_end - kv_begin, BN)
                 n_pairs = T.ceildiv(n_blocks, 2)
 
@@ -676,7 +672,7 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
                     T.fill(m_i0, -T.infinity(acc))
                     T.barrier_wait(bar_q[0], 0)
                     if ds_mla and n_pairs > 0:  # an empty range loads nothing
-                        nslot[0] = kv_indices[page_base + kv_begin // PAGE] * PAGE + kv_begin % PAGE
+                        nslot[0] = _slot_of(kv_indices, page_base, kv_begin, PAGE)
                         fetch0, store0_early, store0_late, publish0 = conv_ops[0]
                         fetch0(0, 0, empty, KV, codes, scl, nslot, tx, kv_indices, page_base, kv_begin,
                                kv_end, s_kv)
@@ -691,7 +687,7 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
                                m_i0, l_i0, alpha0, kl0, kr0, KV, codes, scl, cv, nslot, tx, kv_indices,
                                page_base, kv_begin, kv_end, s_kv, n_pairs)
                     epilogue(0, acc_o0, m_i0, l_i0, lse0, Out, Lse, PartO, PartLse, row0, part_row, i_m,
-                             qo_len * H - i_m * BLOCK_M)
+                             valid)
                 elif tx >= 128 and tx < 256:
                     T.set_max_nreg(SEESAW_CONSUMER_REGS, 1)
                     T.fill(acc_o1, 0)
@@ -699,8 +695,7 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
                     T.fill(m_i1, -T.infinity(acc))
                     T.barrier_wait(bar_q[0], 0)
                     if ds_mla and kv_begin + BN < kv_end:
-                        nslot[0] = (kv_indices[page_base + (kv_begin + BN) // PAGE] * PAGE
-                                    + (kv_begin + BN) % PAGE)
+                        nslot[0] = _slot_of(kv_indices, page_base, kv_begin + BN, PAGE)
                     for i in T.serial(n_pairs):
                         other1(2 * i, i, kr0, p_s, sm_s, sl_s, sa_s, empty, ready, acc_o1,
                                m_i1, l_i1, alpha1, kl1, kr1, KV, codes, scl, cv, nslot, tx - 128,
@@ -709,7 +704,7 @@ def _seesaw_func(num_heads: int, page_size: int, dtype: str, causal: bool, split
                              full, empty, ready, acc_s1, acc_p1, acc_o1, m_i1, l_i1, m_blk1,
                              l_blk1, alpha1, kv_begin, kv_end, shift, rq0, scale_log2)
                     epilogue(1, acc_o1, m_i1, l_i1, lse1, Out, Lse, PartO, PartLse, row0, part_row, i_m,
-                             qo_len * H - i_m * BLOCK_M)
+                             valid)
                 else:
                     T.set_max_nreg(SEESAW_PRODUCER_REGS, 0)
                     T.tma_copy(Q[row0:row0 + BLOCK_M, 0:HALF], q_l, barrier=bar_q[0])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from openmla import BatchMLAPagedAttentionWrapper
-from openmla.kernels.decode_tilelang import SCHEDULES, supports, tilelang_available
+from openmla.kernels.decode_tilelang import SCHEDULES, supports, tilelang_available, uses_kv_as_m
 from openmla.testing import assert_attention_close, make_paged_case, nan_like, run_and_check, to_fp8_ds_mla
 
 pytestmark = [pytest.mark.gpu,
@@ -202,12 +202,14 @@ def test_ds_mla_rows_against_oracle(params: tuple, _schedule: str, gpu_workspace
 
 def test_ds_mla_head_counts_routed(_schedule: str) -> None:
     """656-byte rows take this path at head counts that are multiples of 8 (padded to 64 rows);
-    16-bit caches need multiples of 64; odd counts (whose MMAs ptxas serialises) stay on Triton."""
+    odd counts (whose MMAs ptxas serialises) stay on Triton. 16-bit caches take the 64-row kernel
+    at multiples of 64 heads and the kv_as_m kernel below 64 (any count)."""
     if _schedule != "seesaw":
         pytest.skip("656-byte rows run the seesaw schedule")
     assert supports(16, 64, "ds_mla", CUDA) and supports(8, 128, "ds_mla", CUDA)
     assert not supports(9, 64, "ds_mla", CUDA) and not supports(1, 64, "ds_mla", CUDA)
-    assert not supports(16, 64, "plain", CUDA) and supports(64, 64, "plain", CUDA)
+    assert supports(64, 64, "plain", CUDA) and not uses_kv_as_m(64, "plain")
+    assert supports(9, 64, "plain", CUDA) and uses_kv_as_m(9, "plain") and not uses_kv_as_m(16, "ds_mla")
 
 
 def test_ds_mla_w9_shape(_schedule: str, gpu_workspace: torch.Tensor) -> None:

@@ -23,6 +23,9 @@ class DecodeConfig:
     # row sums of the softmax in 64-bit fixed point: exact, so independent of the tile's layout
     # (batch-invariant mode)
     fixed_point_sum: bool = False
+    # TileLang plans: the memory-bound kernel with the KV tokens as the MMA's M dimension
+    # (kernels/decode_tilelang.py, ``kv_as_m``); block_m is then the wgmma N (16 or 32 rows)
+    kv_as_m: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -82,6 +85,8 @@ class ScheduleConfig:
 
     waves: int  # target pieces per SM over the whole batch
     min_chunk: int  # fewest KV tokens worth a separate piece (merge traffic + launch tail)
+    # batch-invariant mode: pieces of deterministic_chunk(num_heads) * this many tokens
+    det_chunk_scale: int = 1
 
 
 DEFAULT_SCHEDULE = ScheduleConfig(waves=2, min_chunk=256)

@@ -15,7 +15,7 @@ import torch
 
 from openmla.config import DecodeConfig, ReduceConfig
 from openmla.kernels.decode import KV_FP8_DS_MLA, KV_FP8_TENSOR, launch_decode
-from openmla.kernels.decode_tilelang import launch_decode_tilelang
+from openmla.kernels.decode_tilelang import KV_AS_M, launch_decode_tilelang
 from openmla.kernels.merge import launch_merge
 
 BACKEND_TRITON = 0
@@ -114,7 +114,8 @@ def run_planned_decode(
         q_nope, q_pe, ckv_cache, kpe_cache, out, lse, part_o, part_lse, arrays.qo_indptr,
         arrays.kv_indptr, kv_indices, arrays.kv_len, arrays.work_req, arrays.work_kv_begin,
         arrays.work_kv_end, arrays.work_part_row, sm_scale, causal, row_blocks,
-        ds_mla=kv_format == KV_FP8_DS_MLA)
+        ds_mla=kv_format == KV_FP8_DS_MLA, block_m=config.block_m,
+        **({"schedule": KV_AS_M} if config.kv_as_m else {}))
     if not launched:
         _launch_triton_decode(q_nope, q_pe, ckv_cache, kpe_cache, scales, kv_format, kv_indices, arrays,
                               part_o, part_lse, out, lse, counters, sm_scale, causal, row_blocks, config)
@@ -183,7 +184,7 @@ def paged_decode(
     launch: list[int],
 ) -> None:
     """``sizes = [batch, work_capacity, token_capacity, partial_rows, row_blocks, merge_kernel,
-    backend]``; ``launch = [block_m, block_n, num_warps, num_stages, fixed_point_sum]`` (the decode) followed by
+    backend]``; ``launch = [block_m, block_n, num_warps, num_stages, fixed_point_sum, kv_as_m]`` (the decode) followed by
     the merge kernel's ``[block_h, block_d, block_s, num_warps, num_stages]``."""
     batch, work_cap, tok_cap, rows, row_blocks, merge_kernel, backend = sizes
     part_o, part_lse = slice_workspace(workspace, rows, q_nope.shape[-1])
@@ -205,10 +206,10 @@ def paged_decode(
         sm_scale,
         causal,
         row_blocks,
-        DecodeConfig(*launch[:4], fixed_point_sum=bool(launch[4])),
+        DecodeConfig(*launch[:4], fixed_point_sum=bool(launch[4]), kv_as_m=bool(launch[5])),
         bool(merge_kernel),
         backend,
-        ReduceConfig(*launch[5:]),
+        ReduceConfig(*launch[6:]),
     )
 
 

@@ -35,6 +35,10 @@ FILL_FRACTION = 0.9
 # The TileLang kernel holds a whole SM (one 384-thread program, ~225 KB of shared memory): one
 # wave of pieces, and every split request merged by the merge kernel.
 TILELANG_SCHEDULE = ScheduleConfig(waves=1, min_chunk=256)
+# The kv_as_m kernel (below 64 heads) holds an SM too (~165-185 KB of shared memory); in
+# batch-invariant mode its pieces are 2048 tokens, so W1's 4K requests still fill the SMs with
+# two pieces each (1024-token pieces ran 3.9 waves on W6: 0.83x of the default, H200).
+KV_AS_M_SCHEDULE = ScheduleConfig(waves=1, min_chunk=256, det_chunk_scale=2)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -77,8 +81,9 @@ def work_capacity(batch_size: int, num_splits: int | None, num_sms: int, row_blo
     return batch_size + _target_pieces(num_sms, row_blocks, sched)
 
 
-def deterministic_pieces(qo_lens: list[int], kv_lens: list[int], num_heads: int) -> int:
-    chunk = deterministic_chunk(num_heads)
+def deterministic_pieces(qo_lens: list[int], kv_lens: list[int], num_heads: int,
+                         sched: ScheduleConfig = DEFAULT_SCHEDULE) -> int:
+    chunk = deterministic_chunk(num_heads) * sched.det_chunk_scale
     return sum(max(1, cdiv(n, chunk)) for q, n in zip(qo_lens, kv_lens) if q)
 
 
@@ -137,7 +142,7 @@ def build_schedule(
                 f"workspace holds {part_rows_capacity}: give a larger float_workspace_buffer"
             )
     elif deterministic:
-        chunk = deterministic_chunk(num_heads)
+        chunk = deterministic_chunk(num_heads) * sched.det_chunk_scale
         splits = [max(1, cdiv(kv_lens[b], chunk)) if rows[b] else 0 for b in range(batch)]
         chunks = [chunk] * batch
         if _partial_rows(splits, rows) > part_rows_capacity:

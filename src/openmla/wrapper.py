@@ -32,7 +32,14 @@ from openmla.ops import (
     slice_meta,
     slice_workspace,
 )
-from openmla.schedule import TILELANG_SCHEDULE, build_schedule, cdiv, deterministic_pieces, work_capacity
+from openmla.schedule import (
+    KV_AS_M_SCHEDULE,
+    TILELANG_SCHEDULE,
+    build_schedule,
+    cdiv,
+    deterministic_pieces,
+    work_capacity,
+)
 from openmla.tuning import decode_reduce_config, reduce_config
 from openmla.validation import (
     ATTN_DTYPES,
@@ -141,8 +148,8 @@ class BatchMLAPagedAttentionWrapper:
         if choice == "tilelang" and not ok:
             raise ValueError(
                 "OPENMLA_DECODE_BACKEND=tilelang needs tilelang installed, a Hopper GPU, a 16-bit "
-                "cache or 656-byte fp8 rows (the latter in the default schedule), num_heads % 64 == 0 "
-                "(% 8 for fp8 rows) and page_size % 64 == 0; "
+                "cache or 656-byte fp8 rows (the latter in the default schedule, num_heads % 8 == 0), "
+                "and page_size % 64 == 0; "
                 f"got num_heads={num_heads}, page_size={page_size}")
         return BACKEND_TILELANG if ok else BACKEND_TRITON
 
@@ -257,7 +264,9 @@ class BatchMLAPagedAttentionWrapper:
         max_rows = max(qo_lens, default=0) * num_heads
         backend = self._backend(num_heads, page_size, kv_format, decode_config)
         if backend == BACKEND_TILELANG:
-            cfg, sched_cfg, inline_max = decode_tilelang.PLAN_CONFIG, TILELANG_SCHEDULE, 0
+            layout = "plain" if kv_format == KV_PLAIN else "ds_mla"
+            cfg = decode_tilelang.plan_config(num_heads, max_rows, layout)
+            sched_cfg, inline_max = (KV_AS_M_SCHEDULE if cfg.kv_as_m else TILELANG_SCHEDULE), 0
         else:
             if decode_config is not None:
                 cfg = decode_config
@@ -268,7 +277,7 @@ class BatchMLAPagedAttentionWrapper:
             sched_cfg, inline_max = _config.DEFAULT_SCHEDULE, _config.INLINE_MERGE_MAX
         row_blocks = max(1, cdiv(max_rows, cfg.block_m))
         num_sms = self._num_sms()
-        det_pieces = (deterministic_pieces(qo_lens, kv_len_host, num_heads)
+        det_pieces = (deterministic_pieces(qo_lens, kv_len_host, num_heads, sched_cfg)
                       if deterministic and num_splits is None else None)
         if self._use_cuda_graph:
             if self._graph_shape is None:

@@ -1,6 +1,7 @@
-"""Compute-bound decode in TileLang (Hopper warpgroup MMA), the optional fast path for tiles of
-64 query rows (``num_heads % 64 == 0``: 64 or 128 heads, any ``qo_len``; 656-byte fp8 rows at
-``num_heads % 8 == 0``).
+"""Decode in TileLang (Hopper warpgroup MMA, TMA, warp specialisation), the optional fast path:
+a compute-bound kernel for tiles of 64 query rows (``num_heads % 64 == 0``: 64 or 128 heads, any
+``qo_len``; 656-byte fp8 rows at ``num_heads % 8 == 0``) and a memory-bound one for 16-bit caches
+below 64 heads (``_kv_as_m_func``: the KV tokens as the MMAs' M dimension).
 
 One program handles one work item of the plan (see ``openmla.schedule``) for one 64-row block:
 the plan's arrays are read exactly as the Triton kernel reads them, so both paths share the
@@ -56,17 +57,39 @@ CACHE_LAYOUTS = ("plain", "ds_mla")  # 16-bit ckv / kpe caches; 656-byte fp8 row
 
 def supports(num_heads: int, page_size: int, layout: str | None, device: torch.device) -> bool:
     """Whether the TileLang path can run this plan (the Triton kernel covers everything else).
-    ``layout``: one of ``CACHE_LAYOUTS`` (None: a cache this path does not read). The 656-byte
-    rows run in the default schedule only."""
-    if layout not in CACHE_LAYOUTS or (layout == "ds_mla" and _schedule_name() != "seesaw"):
+    ``layout``: one of ``CACHE_LAYOUTS`` (None: a cache this path does not read). 16-bit caches
+    run the ``kv_as_m`` kernel below 64 heads (:func:`uses_kv_as_m`), the compute-bound schedules
+    at multiples of 64; the 656-byte rows run in the default schedule only."""
+    if layout not in CACHE_LAYOUTS or not (device.type == "cuda" and page_size % BLOCK_N == 0):
+        return False
+    if not (_is_hopper(device) and tilelang_available()):
+        return False
+    if uses_kv_as_m(num_heads, layout):
+        return True
+    if layout == "ds_mla" and _schedule_name() != "seesaw":
         return False
     # fp8 rows pad a head count to the 64-row block: the Triton kernel's dequantisation costs
     # more than the padded rows' MMAs (docs/perf-notes.md). Multiples of 8 only: at odd counts
-    # ptxas serialises the kernel's MMAs (C7515). 16-bit caches below 64 heads stream faster
-    # through Triton's 16/32-row tiles.
-    heads_ok = num_heads % (8 if layout == "ds_mla" else BLOCK_M) == 0
-    return (device.type == "cuda" and heads_ok and page_size % BLOCK_N == 0
-            and _is_hopper(device) and tilelang_available())
+    # ptxas serialises the kernel's MMAs (C7515).
+    return num_heads % (8 if layout == "ds_mla" else BLOCK_M) == 0
+
+
+def uses_kv_as_m(num_heads: int, layout: str | None) -> bool:
+    """16-bit caches below 64 heads stream through the ``kv_as_m`` kernel (64-token blocks on
+    wgmma with the request's rows as N, so few rows cost no padded MMAs);
+    ``OPENMLA_TILELANG_SCHEDULE=kv_as_m`` puts every 16-bit plan on it (A/B runs)."""
+    if layout != "plain":
+        return False
+    return num_heads < BLOCK_M or _schedule_name() == KV_AS_M
+
+
+def plan_config(num_heads: int, max_rows: int, layout: str | None) -> DecodeConfig:
+    """What plan() schedules a TileLang plan with: 64-row blocks, or for the ``kv_as_m`` kernel
+    the request's rows rounded up to 16 or 32 (more take several row blocks)."""
+    if not uses_kv_as_m(num_heads, layout):
+        return PLAN_CONFIG
+    block_m = 16 if max_rows <= 16 else 32
+    return DecodeConfig(block_m=block_m, block_n=BLOCK_N, num_warps=4, num_stages=NUM_STAGES, kv_as_m=True)
 
 
 def _is_hopper(device: torch.device) -> bool:
@@ -85,7 +108,8 @@ def _shape_vars():
             *T.dynamic("s_qn, s_qp, s_kv, s_kpe, s_o"))
 
 
-SCHEDULES = ("seesaw", "seesaw_split", "auto_ws")
+SCHEDULES = ("seesaw", "seesaw_split", "auto_ws")  # of the 64-row (compute-bound) kernel
+KV_AS_M = "kv_as_m"  # the memory-bound kernel for few rows (_kv_as_m_func)
 
 
 def _slot_of(kv_indices, page_base, start, page: int):
@@ -99,7 +123,7 @@ def _schedule_name() -> str:
 
 def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block_n: int = BLOCK_N,
                  num_stages: int = NUM_STAGES, fast_math: bool = False, schedule: str | None = None,
-                 ds_mla: bool = False, dq_early: int | None = None):
+                 ds_mla: bool = False, dq_early: int | None = None, block_m: int = BLOCK_M):
     """The compiled kernel for one (heads, page size, dtype, causal); the keyword arguments are
     tuning variants (benchmarks/bench_tilelang.py). ``schedule``: ``seesaw`` (the default;
     hand-scheduled warp specialisation: the consumer warpgroups take alternate KV blocks, so one's
@@ -112,24 +136,28 @@ def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block
     ``DQ_EARLY``)."""
     if schedule is None:
         schedule = _schedule_name()
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule not in (*SCHEDULES, KV_AS_M):
+        raise ValueError(f"schedule must be one of {(*SCHEDULES, KV_AS_M)}, got {schedule!r}")
     if ds_mla and (schedule != "seesaw" or dtype != "bfloat16"):
         raise ValueError(f"656-byte fp8 rows need the seesaw schedule and bf16 queries, got {schedule!r}, {dtype}")
     dq_early = DQ_EARLY if dq_early is None else int(dq_early)
     if not 0 <= dq_early <= DQ_STEPS:
         raise ValueError(f"dq_early must be in [0, {DQ_STEPS}], got {dq_early}")
     return _build_kernel(num_heads, page_size, dtype, bool(causal), block_n, num_stages, fast_math, schedule,
-                         bool(ds_mla), dq_early if ds_mla else DQ_STEPS)
+                         bool(ds_mla), dq_early if ds_mla else DQ_STEPS, block_m if schedule == KV_AS_M else BLOCK_M)
 
 
 @functools.cache
 def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block_n: int,
-                  num_stages: int, fast_math: bool, schedule: str, ds_mla: bool, dq_early: int):
+                  num_stages: int, fast_math: bool, schedule: str, ds_mla: bool, dq_early: int,
+                  block_m: int):
     import tilelang
     import tilelang.language as T
 
     configs = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True} if fast_math else None
+    if schedule == KV_AS_M:
+        func = _kv_as_m_func(num_heads, page_size, dtype, causal, block_m)
+        return tilelang.compile(func, target=_target(), execution_backend=_backend(), pass_configs=configs)
     if schedule in ("seesaw", "seesaw_split"):
         if block_n != BLOCK_N or num_stages != NUM_STAGES:
             raise ValueError("the seesaw schedules have fixed 64-token blocks in two stages")
@@ -256,6 +284,135 @@ def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
                     T.copy(lse_f, PartLse[prow:prow + BLOCK_M])
 
     return tilelang.compile(decode, target=_target(), execution_backend=_backend(), pass_configs=configs)
+
+
+def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, block_m: int):
+    """The memory-bound kernel for few rows: the KV tokens are the products' M dimension,
+    ``S^T = K Q^T`` [64, block_m] and ``O^T += V^T P^T`` [512, block_m], so a request's 4-32
+    rows cost no padded MMA work (wgmma N = block_m), and one consumer warpgroup streams the
+    KV while TileLang's producer warpgroup TMA-loads the next block. The softmax reduces over
+    the tokens (axis 0). Same arguments and contract as the other schedules; the block's rows past
+    its request's are computed from whatever Q rows follow (other requests', or TMA zeros) and
+    not stored."""
+    import tilelang.language as T
+
+    H, PAGE, BM, BN = num_heads, page_size, block_m, BLOCK_N
+    acc = "float32"
+    rows, slots, n_idx, batch1, batch, work, part_rows, s_qn, s_qp, s_kv, s_kpe, s_o = _shape_vars()
+
+    @T.prim_func
+    def decode(
+        Q: T.StridedTensor([rows, D_CKV], (s_qn, 1), dtype),
+        QP: T.StridedTensor([rows, D_KPE], (s_qp, 1), dtype),
+        KV: T.StridedTensor([slots, D_CKV], (s_kv, 1), dtype),
+        KPE: T.StridedTensor([slots, D_KPE], (s_kpe, 1), dtype),
+        kv_indices: T.Tensor([n_idx], "int32"),
+        qo_indptr: T.Tensor([batch1], "int32"),
+        kv_indptr: T.Tensor([batch1], "int32"),
+        kv_len: T.Tensor([batch], "int32"),
+        work_req: T.Tensor([work], "int32"),
+        work_kv_begin: T.Tensor([work], "int32"),
+        work_kv_end: T.Tensor([work], "int32"),
+        work_part_row: T.Tensor([work], "int32"),
+        Out: T.StridedTensor([rows, D_CKV], (s_o, 1), dtype),
+        Lse: T.Tensor([rows], acc),
+        PartO: T.Tensor([part_rows, D_CKV], acc),
+        PartLse: T.Tensor([part_rows], acc),
+        scale_log2: T.float32,
+        row_blocks: T.int32,
+    ):
+        # one consumer warpgroup (TileLang adds the producer); two fail to lower (the P V's
+        # transposed V operand split over warpgroups is not a canonical wgmma layout)
+        with T.Kernel(row_blocks, work, threads=128) as (i_m, i_w):
+            q_s = T.alloc_shared([BM, D_CKV], dtype)
+            qp_s = T.alloc_shared([BM, D_KPE], dtype)
+            kv_s = T.alloc_shared([BN, D_CKV], dtype)
+            kpe_s = T.alloc_shared([BN, D_KPE], dtype)
+            p_s = T.alloc_shared([BN, BM], dtype)
+            s_t = T.alloc_fragment([BN, BM], acc)
+            o_t = T.alloc_fragment([D_CKV, BM], acc)
+            m_i = T.alloc_fragment([BM], acc)
+            m_prev = T.alloc_fragment([BM], acc)
+            alpha = T.alloc_fragment([BM], acc)
+            l_t = T.alloc_fragment([BN, BM], acc)  # each thread's part of the row sums
+            l_i = T.alloc_fragment([BM], acc)
+            lse_f = T.alloc_fragment([BM], acc)
+
+            i_b = work_req[i_w]
+            q_begin = qo_indptr[T.max(i_b, 0)]
+            qo_len = qo_indptr[T.max(i_b, 0) + 1] - q_begin
+            if i_b >= 0 and i_m * BM < qo_len * H:
+                kv_begin = work_kv_begin[i_w]
+                kv_end = work_kv_end[i_w]
+                part_row = work_part_row[i_w]
+                page_base = kv_indptr[i_b]
+                row0 = q_begin * H + i_m * BM
+                rq0 = i_m * BM  # request-local row of the block's first row
+                valid = qo_len * H - rq0
+
+                T.copy(Q[row0:row0 + BM, :], q_s)
+                T.copy(QP[row0:row0 + BM, :], qp_s)
+                T.fill(o_t, 0)
+                T.fill(l_t, 0)
+                T.fill(m_i, -T.infinity(acc))
+
+                n_blocks = T.ceildiv(kv_end - kv_begin, BN)
+                for k in T.Pipelined(n_blocks, num_stages=NUM_STAGES):
+                    start = kv_begin + k * BN
+                    slot0 = _slot_of(kv_indices, page_base, start, PAGE)
+                    T.copy(KV[slot0:slot0 + BN, :], kv_s)
+                    T.copy(KPE[slot0:slot0 + BN, :], kpe_s)
+                    T.gemm(kv_s, q_s, s_t, transpose_B=True, clear_accum=True)
+                    T.gemm(kpe_s, qp_s, s_t, transpose_B=True)
+                    for j, i in T.Parallel(BN, BM):
+                        if causal:
+                            shift = kv_len[i_b] - (qo_indptr[i_b + 1] - qo_indptr[i_b])
+                            last = T.min(kv_end - 1, shift + (rq0 + i) // H)
+                        else:
+                            last = kv_end - 1
+                        s_t[j, i] = T.if_then_else(start + j <= last, s_t[j, i] * scale_log2,
+                                                   -T.infinity(acc))
+                    T.copy(m_i, m_prev)
+                    T.reduce_max(s_t, m_i, dim=0, clear=False)
+                    for i in T.Parallel(BM):
+                        alpha[i] = T.exp2(m_prev[i] - T.if_then_else(m_i[i] == -T.infinity(acc), 0, m_i[i]))
+                    for j, i in T.Parallel(BN, BM):
+                        s_t[j, i] = T.exp2(s_t[j, i] - T.if_then_else(
+                            m_i[i] == -T.infinity(acc), 0, m_i[i]))
+                        # the row sums are reduced across threads once, after the loop
+                        l_t[j, i] = l_t[j, i] * alpha[i] + s_t[j, i]
+                    T.copy(s_t, p_s)
+                    if start + BN > kv_end:
+                        # slots past the range may hold NaN, and 0 * NaN would reach the output
+                        for j, c in T.Parallel(BN, D_CKV):
+                            if start + j >= kv_end:
+                                kv_s[j, c] = T.cast(0, dtype)
+                    for c, i in T.Parallel(D_CKV, BM):
+                        o_t[c, i] *= alpha[i]
+                    T.gemm(kv_s, p_s, o_t, transpose_A=True)
+
+                T.reduce_sum(l_t, l_i, dim=0)
+
+                for c, i in T.Parallel(D_CKV, BM):
+                    o_t[c, i] = o_t[c, i] / T.if_then_else(l_i[i] > 0, l_i[i], 1)
+                for i in T.Parallel(BM):
+                    lse_f[i] = T.if_then_else(l_i[i] > 0, (m_i[i] + T.log2(l_i[i])) * LN2, -T.infinity(acc))
+                if part_row < 0:
+                    for i, c in T.Parallel(BM, D_CKV):
+                        if i < valid:
+                            Out[row0 + i, c] = T.cast(o_t[c, i], dtype)
+                    for i in T.Parallel(BM):
+                        if i < valid:
+                            Lse[row0 + i] = lse_f[i]
+                else:
+                    for i, c in T.Parallel(BM, D_CKV):
+                        if i < valid:
+                            PartO[part_row + rq0 + i, c] = o_t[c, i]
+                    for i in T.Parallel(BM):
+                        if i < valid:
+                            PartLse[part_row + rq0 + i] = lse_f[i]
+
+    return decode
 
 
 SEESAW_THREADS = 384  # warpgroups 0 and 1 consume, warpgroup 2 loads
@@ -762,6 +919,7 @@ def launch_decode_tilelang(
     causal: bool,
     row_blocks: int,
     ds_mla: bool = False,
+    block_m: int = BLOCK_M,
     **variant,
 ) -> bool:
     """Launch over ``[T, H, *]`` queries/output, ``[T, H]`` lse and ``[P, page, *]`` caches;
@@ -777,9 +935,26 @@ def launch_decode_tilelang(
     num_heads = q_nope.shape[1]
     page_size = ckv_cache.shape[1]
     dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[q_nope.dtype]
-    kernel = build_kernel(num_heads, page_size, dtype, bool(causal), ds_mla=ds_mla, **variant)
+    kernel = build_kernel(num_heads, page_size, dtype, bool(causal), ds_mla=ds_mla, block_m=block_m, **variant)
     qn, qp, ckv, kpe, out_rows = views
-    kernel(qn, qp, ckv, kpe, kv_indices, qo_indptr, kv_indptr, kv_len, work_req, work_kv_begin,
-           work_kv_end, work_part_row, out_rows, lse.view(-1), part_o, part_lse,
-           float(sm_scale * LOG2E), int(row_blocks))
+    _entry(kernel)(qn, qp, ckv, kpe, kv_indices, qo_indptr, kv_indptr, kv_len, work_req, work_kv_begin,
+                   work_kv_end, work_part_row, out_rows, lse.view(-1), part_o, part_lse,
+                   float(sm_scale * LOG2E), int(row_blocks))
     return True
+
+
+_ENTRIES: dict[int, object] = {}
+
+
+def _entry(kernel):
+    """The compiled kernel's TVM-FFI function, called directly: TileLang's Python wrapper around
+    it (argument count, output allocation) adds host time to every launch, and a small batch's
+    call waits on the host. Falls back to the wrapper on another TileLang's internals."""
+    fn = _ENTRIES.get(id(kernel))  # kernels live in _build_kernel's cache: ids stay unique
+    if fn is None:
+        try:
+            fn = kernel.adapter._get_executable().jit().main
+        except Exception:  # noqa: BLE001
+            fn = kernel
+        _ENTRIES[id(kernel)] = fn
+    return fn

@@ -1,0 +1,79 @@
+"""The TileLang memory-bound kernel for few rows (``kv_as_m`` schedule: ``S^T = K Q^T`` with the
+KV tokens as the wgmma M dimension, the request's 1-32 rows as N): against the float64 oracle on
+adversarial batches (NaN in unused slots, shuffled pages, empty requests, lengths that end
+mid-block), head counts that pad the tile (1, 4, 9, 24), MTP causal, several row blocks, split
+counts on both sides of the merge kernel's limit, both 16-bit dtypes, packed caches, the
+WORKLOADS shapes, and batch invariance. GPU only; skipped without tilelang or Hopper."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openmla import BatchMLAPagedAttentionWrapper
+from openmla.kernels.decode_tilelang import supports, tilelang_available
+from openmla.testing import make_paged_case, run_and_check
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not tilelang_available(), reason="tilelang is not installed")]
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _kv_as_m(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENMLA_TILELANG_SCHEDULE", "kv_as_m")
+    if not supports(16, 64, "plain", CUDA):
+        pytest.skip("the TileLang path needs a Hopper GPU")
+
+
+# (kv_lens, heads, page, qo_len, causal, dtype, num_splits, packed)
+CASES = [
+    ([4096, 1, 0, 4000, 65, 64, 129], 16, 64, 1, False, torch.bfloat16, None, False),
+    ([4096, 1, 0, 4000, 65, 64, 129], 4, 64, 1, False, torch.bfloat16, 3, True),
+    ([8192, 300, 2], 16, 128, 2, True, torch.bfloat16, None, False),
+    ([8192, 300, 3], 9, 64, 2, True, torch.float16, 20, False),  # merge kernel, > 16 pieces
+    ([5000, 70, 1, 0], 1, 64, 1, False, torch.float16, 1, True),
+    ([3000, 2000, 64], 24, 192, 2, True, torch.bfloat16, 2, False),  # 48 rows: two row blocks
+    ([640] * 40, 8, 64, 1, False, torch.bfloat16, None, False),
+]
+
+
+def _id(c: tuple) -> str:
+    lens, h, page, q, causal, dtype, splits, packed = c
+    return "-".join([f"B{len(lens)}", f"H{h}", f"P{page}", f"Q{q}"] + (["causal"] if causal else [])
+                    + ["Sauto" if splits is None else f"S{splits}",
+                       "bf16" if dtype == torch.bfloat16 else "fp16"] + (["packed"] if packed else []))
+
+
+@pytest.mark.parametrize("params", CASES, ids=_id)
+def test_kv_as_m_against_oracle(params: tuple, gpu_workspace: torch.Tensor) -> None:
+    kv_lens, heads, page, qo_len, causal, dtype, splits, packed = params
+    qo = [min(qo_len, n) if causal else qo_len for n in kv_lens]
+    case = make_paged_case(kv_lens, heads, page, qo_len=qo, causal=causal, dtype=dtype, device=CUDA,
+                           packed=packed, seed=heads + page + len(kv_lens))
+    run_and_check(BatchMLAPagedAttentionWrapper(gpu_workspace), case, splits, expect_backend="tilelang")
+
+
+@pytest.mark.parametrize("batch, kv, heads, qo_len", [(64, 4096, 16, 1), (64, 4096, 16, 2), (128, 4096, 4, 1),
+                                                      (8, 65536, 16, 1)], ids=["W1", "W5", "W6", "W4"])
+def test_kv_as_m_workload_shapes(batch: int, kv: int, heads: int, qo_len: int, gpu_workspace: torch.Tensor) -> None:
+    case = make_paged_case([kv] * batch, heads, 64, qo_len=qo_len, causal=qo_len > 1, device=CUDA, seed=batch)
+    run_and_check(BatchMLAPagedAttentionWrapper(gpu_workspace), case, expect_backend="tilelang")
+
+
+def test_kv_as_m_batch_invariant(gpu_workspace: torch.Tensor) -> None:
+    """A request decoded alone (16 rows: a 16-row tile) and beside an MTP request (32-row tiles)
+    in batch-invariant mode: bitwise the same output and lse."""
+    alone = make_paged_case([5000], 16, 64, device=CUDA, seed=21)
+    ref_out, ref_lse = run_and_check(BatchMLAPagedAttentionWrapper(gpu_workspace), alone, deterministic=True)
+    crowd = make_paged_case([300, 5000, 9000], 16, 64, qo_len=[2, 1, 1], device=CUDA, seed=22)
+    p = alone.kv_indices[: -(-5000 // 64)].long()
+    pages = crowd.kv_indices[crowd.kv_indptr[1]: crowd.kv_indptr[1] + p.numel()].long()
+    crowd.ckv_cache[pages] = alone.ckv_cache[p]
+    crowd.kpe_cache[pages] = alone.kpe_cache[p]
+    row = crowd.qo_indptr[1].item()
+    crowd.q_nope[row] = alone.q_nope[0]
+    crowd.q_pe[row] = alone.q_pe[0]
+    out, lse = run_and_check(BatchMLAPagedAttentionWrapper(gpu_workspace), crowd, deterministic=True)
+    assert torch.equal(out[row], ref_out[0]) and torch.equal(lse[row], ref_lse[0])

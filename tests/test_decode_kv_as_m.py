@@ -12,7 +12,7 @@ import torch
 
 from openmla import BatchMLAPagedAttentionWrapper
 from openmla.kernels.decode_tilelang import supports, tilelang_available
-from openmla.testing import make_paged_case, run_and_check
+from openmla.testing import batch_case, batch_case_id, make_paged_case, run_and_check
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not tilelang_available(), reason="tilelang is not installed")]
@@ -39,20 +39,10 @@ CASES = [
 ]
 
 
-def _id(c: tuple) -> str:
-    lens, h, page, q, causal, dtype, splits, packed = c
-    return "-".join([f"B{len(lens)}", f"H{h}", f"P{page}", f"Q{q}"] + (["causal"] if causal else [])
-                    + ["Sauto" if splits is None else f"S{splits}",
-                       "bf16" if dtype == torch.bfloat16 else "fp16"] + (["packed"] if packed else []))
-
-
-@pytest.mark.parametrize("params", CASES, ids=_id)
+@pytest.mark.parametrize("params", CASES, ids=batch_case_id)
 def test_kv_as_m_against_oracle(params: tuple, gpu_workspace: torch.Tensor) -> None:
-    kv_lens, heads, page, qo_len, causal, dtype, splits, packed = params
-    qo = [min(qo_len, n) if causal else qo_len for n in kv_lens]
-    case = make_paged_case(kv_lens, heads, page, qo_len=qo, causal=causal, dtype=dtype, device=CUDA,
-                           packed=packed, seed=heads + page + len(kv_lens))
-    run_and_check(BatchMLAPagedAttentionWrapper(gpu_workspace), case, splits, expect_backend="tilelang")
+    run_and_check(BatchMLAPagedAttentionWrapper(gpu_workspace), batch_case(params, CUDA), params[6],
+                  expect_backend="tilelang")
 
 
 @pytest.mark.parametrize("batch, kv, heads, qo_len", [(64, 4096, 16, 1), (64, 4096, 16, 2), (128, 4096, 4, 1),

@@ -12,7 +12,15 @@ import torch
 
 from openmla import BatchMLAPagedAttentionWrapper
 from openmla.kernels.decode_tilelang import SCHEDULES, supports, tilelang_available, uses_kv_as_m
-from openmla.testing import assert_attention_close, make_paged_case, nan_like, run_and_check, to_fp8_ds_mla
+from openmla.testing import (
+    assert_attention_close,
+    batch_case,
+    batch_case_id,
+    make_paged_case,
+    nan_like,
+    run_and_check,
+    to_fp8_ds_mla,
+)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not tilelang_available(), reason="tilelang is not installed")]
@@ -50,20 +58,9 @@ CASES = [
 ]
 
 
-def _id(c: tuple) -> str:
-    lens, h, page, q, causal, dtype, splits, packed = c
-    return "-".join([f"B{len(lens)}", f"H{h}", f"P{page}", f"Q{q}"] + (["causal"] if causal else [])
-                    + ["Sauto" if splits is None else f"S{splits}",
-                       "bf16" if dtype == torch.bfloat16 else "fp16"] + (["packed"] if packed else []))
-
-
-@pytest.mark.parametrize("params", CASES, ids=_id)
+@pytest.mark.parametrize("params", CASES, ids=batch_case_id)
 def test_tilelang_against_oracle(params: tuple, gpu_workspace: torch.Tensor) -> None:
-    kv_lens, heads, page, qo_len, causal, dtype, splits, packed = params
-    qo = [min(qo_len, n) if causal else qo_len for n in kv_lens]
-    case = make_paged_case(kv_lens, heads, page, qo_len=qo, causal=causal, dtype=dtype, device=CUDA,
-                           packed=packed, seed=heads + page + len(kv_lens))
-    _check(BatchMLAPagedAttentionWrapper(gpu_workspace), case, splits)
+    _check(BatchMLAPagedAttentionWrapper(gpu_workspace), batch_case(params, CUDA), params[6])
 
 
 def test_realistic_w2_w3_shapes(gpu_workspace: torch.Tensor) -> None:

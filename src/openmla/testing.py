@@ -144,6 +144,24 @@ def make_paged_case(
     )
 
 
+def batch_case(params: tuple, device: str | torch.device) -> PagedCase:
+    """A case from ``(kv_lens, heads, page, qo_len, causal, dtype, num_splits, packed)`` (the GPU
+    test tables; ``num_splits`` is the caller's): with ``causal`` a request gets at most its
+    length in query tokens. The seed follows the shape."""
+    kv_lens, heads, page, qo_len, causal, dtype, _, packed = params
+    qo = [min(qo_len, n) if causal else qo_len for n in kv_lens]
+    return make_paged_case(kv_lens, heads, page, qo_len=qo, causal=causal, dtype=dtype, device=device,
+                           packed=packed, seed=heads + page + len(kv_lens))
+
+
+def batch_case_id(params: tuple) -> str:
+    """A test id for :func:`batch_case`'s tuple."""
+    lens, h, page, q, causal, dtype, splits, packed = params
+    return "-".join([f"B{len(lens)}", f"H{h}", f"P{page}", f"Q{q}"] + (["causal"] if causal else [])
+                    + ["Sauto" if splits is None else f"S{splits}",
+                       "bf16" if dtype == torch.bfloat16 else "fp16"] + (["packed"] if packed else []))
+
+
 def to_fp8_ds_mla(case: PagedCase) -> tuple[torch.Tensor, PagedCase]:
     """The case's cache as DeepSeek V3.2 656-byte rows (``uint8 [P, page, 656]``, quantised by
     the torch reference; NaN slots stay NaN), and the case over the dequantised cache in the

@@ -61,3 +61,33 @@ def test_fit_chunk_is_monotone_search() -> None:
     assert _fit_chunk(lens, 264, 32, 617) == 672
     assert _fit_chunk(lens, 10**6, 32, 1) == 32  # any chunk fits: the floor
     assert _fit_chunk([100], 1, 32, 1) == 128  # one piece: the request rounded up to block_n
+
+
+def test_kv_as_m_plans_one_wave_and_2048_token_invariant_pieces() -> None:
+    """The kv_as_m kernel holds an SM alone: one wave of pieces (W1: 2 a request, 128 for 132
+    SMs) and, in batch-invariant mode, pieces of 2048 tokens at 16 heads."""
+    from openmla.schedule import KV_AS_M_SCHEDULE, deterministic_pieces
+
+    sched = build_schedule([1] * 64, [4096] * 64, 16, 64, 1, SMS, 10**9, 10**5, 10**5, sched=KV_AS_M_SCHEDULE)
+    assert sched.num_pieces == 128
+    det = build_schedule([1] * 3, [5000, 2048, 1], 16, 64, 1, SMS, 10**9, 10**5, 10**5,
+                         sched=KV_AS_M_SCHEDULE, deterministic=True)
+    assert sorted(_pieces(det)) == [(0, 0, 2048), (0, 2048, 4096), (0, 4096, 5000), (1, 0, 2048), (2, 0, 1)]
+    assert deterministic_pieces([1, 1, 1], [5000, 2048, 1], 16, KV_AS_M_SCHEDULE) == 5
+    assert deterministic_pieces([1, 1, 1], [5000, 2048, 1], 16) == 8  # 1024-token pieces elsewhere
+
+
+def test_kv_as_m_routing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16-bit caches below 64 heads take the kv_as_m kernel (16- or 32-row tiles, by the batch's
+    largest request); 64+ heads and 656-byte rows keep the 64-row kernel unless the variable
+    forces kv_as_m for 16-bit caches."""
+    from openmla.kernels.decode_tilelang import PLAN_CONFIG, plan_config, uses_kv_as_m
+
+    monkeypatch.delenv("OPENMLA_TILELANG_SCHEDULE", raising=False)
+    assert uses_kv_as_m(1, "plain") and uses_kv_as_m(63, "plain")
+    assert not uses_kv_as_m(64, "plain") and not uses_kv_as_m(16, "ds_mla")
+    assert plan_config(16, 16, "plain").kv_as_m and plan_config(16, 16, "plain").block_m == 16
+    assert plan_config(16, 32, "plain").block_m == 32 and plan_config(24, 72, "plain").block_m == 32
+    assert plan_config(128, 256, "plain") == PLAN_CONFIG and plan_config(16, 16, "ds_mla") == PLAN_CONFIG
+    monkeypatch.setenv("OPENMLA_TILELANG_SCHEDULE", "kv_as_m")
+    assert plan_config(128, 128, "plain").kv_as_m and not uses_kv_as_m(128, "ds_mla")

@@ -202,8 +202,8 @@ DECODE_BACKENDS = ("auto", "triton", "tilelang")
 
 
 def env_decode_backend() -> str:
-    """``OPENMLA_DECODE_BACKEND``: ``auto`` (default: TileLang for 64-row tiles on Hopper when
-    installed, else Triton), ``triton`` or ``tilelang`` (A/B runs; an error where TileLang
+    """``OPENMLA_DECODE_BACKEND``: ``auto`` (default: TileLang on Hopper when installed and the
+    plan suits it, else Triton), ``triton`` or ``tilelang`` (A/B runs; an error where TileLang
     cannot serve the plan)."""
     value = os.environ.get("OPENMLA_DECODE_BACKEND") or "auto"
     if value not in DECODE_BACKENDS:

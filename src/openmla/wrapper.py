@@ -138,8 +138,9 @@ class BatchMLAPagedAttentionWrapper:
 
     def _backend(self, num_heads: int, page_size: int, kv_format: int,
                  decode_config: _config.DecodeConfig | None) -> int:
-        """TileLang for 64-row tiles on Hopper when it is installed, else Triton (see
-        ``config.env_decode_backend`` for the override)."""
+        """TileLang on Hopper when it is installed and serves the plan (``decode_tilelang.supports``:
+        16-bit caches below 64 heads or at multiples of 64, 656-byte rows at multiples of 8 heads, pages of a multiple
+        of 64), else Triton (see ``config.env_decode_backend`` for the override)."""
         choice = _config.env_decode_backend()
         if choice == "triton" or decode_config is not None:
             return BACKEND_TRITON

@@ -115,7 +115,7 @@ def run_planned_decode(
         arrays.kv_indptr, kv_indices, arrays.kv_len, arrays.work_req, arrays.work_kv_begin,
         arrays.work_kv_end, arrays.work_part_row, sm_scale, causal, row_blocks,
         ds_mla=kv_format == KV_FP8_DS_MLA, block_m=config.block_m,
-        **({"schedule": KV_AS_M} if config.kv_as_m else {}))
+        schedule=KV_AS_M if config.kv_as_m else None)
     if not launched:
         _launch_triton_decode(q_nope, q_pe, ckv_cache, kpe_cache, scales, kv_format, kv_indices, arrays,
                               part_o, part_lse, out, lse, counters, sm_scale, causal, row_blocks, config)

@@ -81,9 +81,13 @@ def work_capacity(batch_size: int, num_splits: int | None, num_sms: int, row_blo
     return batch_size + _target_pieces(num_sms, row_blocks, sched)
 
 
+def _deterministic_chunk(num_heads: int, sched: ScheduleConfig) -> int:
+    return deterministic_chunk(num_heads) * sched.det_chunk_scale
+
+
 def deterministic_pieces(qo_lens: list[int], kv_lens: list[int], num_heads: int,
                          sched: ScheduleConfig = DEFAULT_SCHEDULE) -> int:
-    chunk = deterministic_chunk(num_heads) * sched.det_chunk_scale
+    chunk = _deterministic_chunk(num_heads, sched)
     return sum(max(1, cdiv(n, chunk)) for q, n in zip(qo_lens, kv_lens) if q)
 
 
@@ -142,7 +146,7 @@ def build_schedule(
                 f"workspace holds {part_rows_capacity}: give a larger float_workspace_buffer"
             )
     elif deterministic:
-        chunk = deterministic_chunk(num_heads) * sched.det_chunk_scale
+        chunk = _deterministic_chunk(num_heads, sched)
         splits = [max(1, cdiv(kv_lens[b], chunk)) if rows[b] else 0 for b in range(batch)]
         chunks = [chunk] * batch
         if _partial_rows(splits, rows) > part_rows_capacity:

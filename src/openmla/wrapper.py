@@ -78,6 +78,10 @@ class _Plan:
     num_split_requests: int
 
 
+# the cache formats the TileLang kernels read, by their name there (decode_tilelang.CACHE_LAYOUTS)
+_TILELANG_LAYOUTS = {KV_PLAIN: "plain", KV_FP8_DS_MLA: "ds_mla"}
+
+
 class BatchMLAPagedAttentionWrapper:
     """Paged MLA decode with FlashInfer's ``plan``/``run`` interface.
 
@@ -138,13 +142,14 @@ class BatchMLAPagedAttentionWrapper:
 
     def _backend(self, num_heads: int, page_size: int, kv_format: int,
                  decode_config: _config.DecodeConfig | None) -> int:
-        """TileLang on Hopper when it is installed and serves the plan (``decode_tilelang.supports``:
-        16-bit caches below 64 heads or at multiples of 64, 656-byte rows at multiples of 8 heads, pages of a multiple
-        of 64), else Triton (see ``config.env_decode_backend`` for the override)."""
+        """TileLang on Hopper when it is installed and serves the plan
+        (``decode_tilelang.supports``: 16-bit caches below 64 heads or at multiples of 64, 656-byte
+        rows at multiples of 8 heads, pages of a multiple of 64), else Triton (see
+        ``config.env_decode_backend`` for the override)."""
         choice = _config.env_decode_backend()
         if choice == "triton" or decode_config is not None:
             return BACKEND_TRITON
-        layout = {KV_PLAIN: "plain", KV_FP8_DS_MLA: "ds_mla"}.get(kv_format)
+        layout = _TILELANG_LAYOUTS.get(kv_format)
         ok = decode_tilelang.supports(num_heads, page_size, layout, self._device)
         if choice == "tilelang" and not ok:
             raise ValueError(
@@ -265,8 +270,7 @@ class BatchMLAPagedAttentionWrapper:
         max_rows = max(qo_lens, default=0) * num_heads
         backend = self._backend(num_heads, page_size, kv_format, decode_config)
         if backend == BACKEND_TILELANG:
-            layout = "plain" if kv_format == KV_PLAIN else "ds_mla"
-            cfg = decode_tilelang.plan_config(num_heads, max_rows, layout)
+            cfg = decode_tilelang.plan_config(num_heads, max_rows, _TILELANG_LAYOUTS[kv_format])
             sched_cfg, inline_max = (KV_AS_M_SCHEDULE if cfg.kv_as_m else TILELANG_SCHEDULE), 0
         else:
             if decode_config is not None:

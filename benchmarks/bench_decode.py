@@ -159,6 +159,15 @@ def check(impl, ref, lowp) -> str:
     return f"ok (out err {errs['out_err']:.1e} <= {errs['out_budget']:.1e})"
 
 
+def slow_launches() -> dict[str, int]:
+    """Launches that skip the direct paths (host time on every call): TileLang kernels called
+    through its Python wrapper, Triton specialisations left on the JIT's path (-1: all)."""
+    from openmla.kernels import decode_tilelang, launch
+
+    return {"tilelang_wrapper_launches": decode_tilelang.wrapper_launches(),
+            "triton_jit_launches": launch.slow_paths()}
+
+
 def kernel_times(fns: list, iters: int = 30) -> dict[str, float]:
     """Mean GPU microseconds per call of each kernel, from the torch profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -208,8 +217,9 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
     ours = Ours(b, args.rotations)
     backend = ours.wrappers[0].backend
     record(ours, "openmla", {**ours.wrappers[0].plan_info, "backend": backend,
-                             "kernels": kernel_times(ours.fns())})
-    print(f"  {name} openmla ({backend}) kernels (profiler, us per call): {rows[-1]['kernels']}")
+                             "kernels": kernel_times(ours.fns()), **slow_launches()})
+    print(f"  {name} openmla ({backend}) kernels (profiler, us per call): {rows[-1]['kernels']}; "
+          f"slow launch paths: {slow_launches()}")
     if backend != "triton":  # the Triton kernel on the same shape, for the record
         os.environ["OPENMLA_DECODE_BACKEND"] = "triton"
         try:
@@ -218,6 +228,17 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
             del tri
         finally:
             del os.environ["OPENMLA_DECODE_BACKEND"]
+    if backend == "tilelang" and fp8 and ours.wrappers[0].plan_info["block_m"] < 64:
+        # 656-byte rows below 64 heads: the padded 64-row kernel they ran before kv_as_m
+        os.environ["OPENMLA_TILELANG_SCHEDULE"] = "seesaw"
+        try:
+            rows64 = Ours(b, args.rotations)
+            record(rows64, "openmla-64-row", {**rows64.wrappers[0].plan_info,
+                                              "backend": rows64.wrappers[0].backend,
+                                              "kernels": kernel_times(rows64.fns())})
+            del rows64
+        finally:
+            del os.environ["OPENMLA_TILELANG_SCHEDULE"]
     det = Ours(b, args.rotations, deterministic=True)
     record(det, "openmla-deterministic", det.wrappers[0].plan_info)
     if args.sweep:

@@ -3,7 +3,9 @@ KV tokens as the wgmma M dimension, the request's 1-32 rows as N): against the f
 adversarial batches (NaN in unused slots, shuffled pages, empty requests, lengths that end
 mid-block), head counts that pad the tile (1, 4, 9, 24), MTP causal, several row blocks, split
 counts on both sides of the merge kernel's limit, both 16-bit dtypes, packed caches, the
-WORKLOADS shapes, and batch invariance. GPU only; skipped without tilelang or Hopper."""
+WORKLOADS shapes, and batch invariance; the same over DeepSeek V3.2's 656-byte fp8 rows
+(dequantised in the kernel; NaN codes and scales in unused slots). GPU only; skipped without
+tilelang or Hopper."""
 
 from __future__ import annotations
 
@@ -11,8 +13,16 @@ import pytest
 import torch
 
 from openmla import BatchMLAPagedAttentionWrapper
-from openmla.kernels.decode_tilelang import supports, tilelang_available
-from openmla.testing import batch_case, batch_case_id, make_paged_case, run_and_check
+from openmla.kernels.decode_tilelang import supports, tilelang_available, wrapper_launches
+from openmla.testing import (
+    assert_attention_close,
+    batch_case,
+    batch_case_id,
+    make_paged_case,
+    nan_like,
+    run_and_check,
+    to_fp8_ds_mla,
+)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not tilelang_available(), reason="tilelang is not installed")]
@@ -50,6 +60,9 @@ def test_kv_as_m_against_oracle(params: tuple, gpu_workspace: torch.Tensor) -> N
 def test_kv_as_m_workload_shapes(batch: int, kv: int, heads: int, qo_len: int, gpu_workspace: torch.Tensor) -> None:
     case = make_paged_case([kv] * batch, heads, 64, qo_len=qo_len, causal=qo_len > 1, device=CUDA, seed=batch)
     run_and_check(BatchMLAPagedAttentionWrapper(gpu_workspace), case, expect_backend="tilelang")
+    # every kernel so far launched directly, also one loaded from TileLang's disk cache (the
+    # GPU script compiles them in other processes first)
+    assert wrapper_launches() == 0
 
 
 def test_kv_as_m_batch_invariant(gpu_workspace: torch.Tensor) -> None:
@@ -66,4 +79,59 @@ def test_kv_as_m_batch_invariant(gpu_workspace: torch.Tensor) -> None:
     crowd.q_nope[row] = alone.q_nope[0]
     crowd.q_pe[row] = alone.q_pe[0]
     out, lse = run_and_check(BatchMLAPagedAttentionWrapper(gpu_workspace), crowd, deterministic=True)
+    assert torch.equal(out[row], ref_out[0]) and torch.equal(lse[row], ref_lse[0])
+
+
+def _run_ds_mla(wrapper: BatchMLAPagedAttentionWrapper, case, num_splits: int | None = None,
+                deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``case`` over its cache as 656-byte rows, checked against the oracle on the dequantised
+    cache (the kernel computes on exactly it) and, within the quantisation bound of
+    tests/test_fp8_decode.py, on the unquantised one; the cache is left as it was."""
+    kv, deq = to_fp8_ds_mla(case)
+    kv_before = kv.clone()
+    args = list(case.plan_args())
+    args[-1] = torch.uint8
+    wrapper.plan(*args, num_splits=num_splits, deterministic=deterministic)
+    assert wrapper.backend == "tilelang"
+    out = nan_like(case.q_nope)
+    lse = torch.full(case.q_nope.shape[:2], float("nan"), device=CUDA)
+    wrapper.run(case.q_nope, case.q_pe, kv, None, out=out, lse=lse)
+    torch.cuda.synchronize()
+    assert_attention_close(out, lse, deq.reference(), deq.lowp_reference())
+    assert torch.equal(kv, kv_before)
+    used = torch.nan_to_num(case.ckv_cache.float(), nan=0.0)
+    assert float((out.double() - case.reference()[0].double()).abs().max()) <= 2.0**-3 * float(used.abs().max())
+    return out, lse
+
+
+# (kv_lens, heads, page, qo_len, causal, dtype, num_splits, packed): bf16 queries only
+DS_MLA_CASES = [
+    ([8192, 300, 2, 0, 65], 16, 64, 1, False, torch.bfloat16, None, False),
+    ([4096, 70, 1], 8, 128, 2, True, torch.bfloat16, 3, False),
+    ([3000, 129, 64], 24, 64, 2, True, torch.bfloat16, None, False),  # 48 rows: two row blocks
+    ([5000, 1, 640], 9, 192, 1, False, torch.bfloat16, 20, False),  # merge kernel, > 16 pieces
+    ([640] * 40, 1, 64, 1, False, torch.bfloat16, 1, False),  # unsplit: the output rows directly
+    ([8192] * 64, 16, 64, 1, False, torch.bfloat16, None, False),  # W8
+]
+
+
+@pytest.mark.parametrize("params", DS_MLA_CASES, ids=batch_case_id)
+def test_kv_as_m_ds_mla_against_oracle(params: tuple, gpu_workspace: torch.Tensor) -> None:
+    _run_ds_mla(BatchMLAPagedAttentionWrapper(gpu_workspace), batch_case(params, CUDA), params[6])
+
+
+def test_kv_as_m_ds_mla_batch_invariant(gpu_workspace: torch.Tensor) -> None:
+    """656-byte rows in batch-invariant mode: a request alone and beside others (an MTP request
+    widens the tile to 32 rows) gives bitwise the same output and lse."""
+    alone = make_paged_case([7000], 16, 64, device=CUDA, seed=31)
+    ref_out, ref_lse = _run_ds_mla(BatchMLAPagedAttentionWrapper(gpu_workspace), alone, deterministic=True)
+    crowd = make_paged_case([300, 7000, 9000], 16, 64, qo_len=[2, 1, 1], device=CUDA, seed=32)
+    p = alone.kv_indices[: -(-7000 // 64)].long()
+    pages = crowd.kv_indices[crowd.kv_indptr[1]: crowd.kv_indptr[1] + p.numel()].long()
+    crowd.ckv_cache[pages] = alone.ckv_cache[p]
+    crowd.kpe_cache[pages] = alone.kpe_cache[p]
+    row = crowd.qo_indptr[1].item()
+    crowd.q_nope[row] = alone.q_nope[0]
+    crowd.q_pe[row] = alone.q_pe[0]
+    out, lse = _run_ds_mla(BatchMLAPagedAttentionWrapper(gpu_workspace), crowd, deterministic=True)
     assert torch.equal(out[row], ref_out[0]) and torch.equal(lse[row], ref_lse[0])

@@ -48,3 +48,28 @@ def test_recorded_launch_matches_reference(heads: int, page: int, splits: int | 
     wrapper.run(q_nope, case.q_pe, case.ckv_cache, case.kpe_cache, out=out, lse=lse, return_lse=True)
     torch.cuda.synchronize()
     assert_attention_close(out, lse, case.reference(), case.lowp_reference())
+
+
+@pytest.mark.gpu
+def test_every_format_records_a_direct_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16-bit, per-tensor fp8 and 656-byte rows on the Triton kernel, split and merged: after a
+    first call, every launch (decode and merge) takes the direct path, none the JIT's."""
+    from openmla.testing import to_fp8_ds_mla, to_fp8_per_tensor
+
+    monkeypatch.setenv("OPENMLA_DECODE_BACKEND", "triton")
+    fast.clear()
+    cuda = torch.device("cuda")
+    wrapper = BatchMLAPagedAttentionWrapper(torch.empty(64 << 20, dtype=torch.uint8, device=cuda))
+    case = make_paged_case([3000, 5, 700], 16, 64, device=cuda, seed=5)
+    kv8, _ = to_fp8_ds_mla(case)
+    ckv8, kpe8, _ = to_fp8_per_tensor(case, 0.02)
+    runs = [(case.ckv_cache.dtype, (case.ckv_cache, case.kpe_cache), {}), (torch.uint8, (kv8, None), {}),
+            (torch.float8_e4m3fn, (ckv8, kpe8), {"kv_scale": 0.02})]
+    for kv_dtype, caches, kw in runs:
+        args = list(case.plan_args())
+        args[-1] = kv_dtype
+        wrapper.plan(*args, num_splits=20)  # 20 pieces: the merge kernel too
+        for _ in range(2):
+            wrapper.run(case.q_nope, case.q_pe, *caches, **kw)
+    torch.cuda.synchronize()
+    assert fast._CACHE and fast.slow_paths() == 0

@@ -22,6 +22,7 @@ from openmla.tuning import (
     gpu_slug,
     heuristic_reduce_config,
     interpreter_reduce_config,
+    invariant_spread,
     load_reduce_table,
     lookup,
     reduce_config,
@@ -394,3 +395,23 @@ def test_gpu_timer_and_cuda_state() -> None:
     assert 0.8 < stream_us / graph_us < 1.25
     assert 2 * a.numel() * 4 / graph_us / 1e3 > 500  # GB/s: a real kernel was timed
     assert cuda_state() == "ok"
+
+
+def test_invariant_spread_retiles_bitwise(device: torch.device) -> None:
+    """Batch-invariant mode cuts a 2-pieces-a-step merge config finer when few tokens merge
+    (one long request's merge fills the SMs), and the result is bitwise the same as the fixed
+    config's: a step's sum is one addition whatever the tiling. Other configs are left alone."""
+    fixed = ReduceConfig(block_h=1, block_d=256, block_s=2, num_warps=1, num_stages=1)
+    spread = invariant_spread(fixed, 1, 16, D, 132)
+    assert (spread.block_h, spread.block_d, spread.block_s) == (1, 32, 2)
+    assert invariant_spread(fixed, 64, 16, D, 132) == fixed  # 64 tokens fill the SMs already
+    wide = ReduceConfig(block_h=4, block_d=64, block_s=8, num_warps=2, num_stages=1)
+    assert invariant_spread(wide, 1, 16, D, 132) == wide  # 8 pieces a step: the tiling could matter
+    gen = torch.Generator().manual_seed(3)
+    parts = torch.randn(33, 1, 16, D, generator=gen).to(device)
+    part_lse = (4 * torch.randn(33, 1, 16, generator=gen)).to(device)
+    part_lse[5] = float("-inf")  # an empty piece
+    a = merge_states(parts, part_lse, config=fixed)
+    b = merge_states(parts, part_lse, config=spread)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    _check(a[0], a[1], parts, part_lse)

@@ -73,21 +73,44 @@ def test_kv_as_m_plans_one_wave_and_2048_token_invariant_pieces() -> None:
     det = build_schedule([1] * 3, [5000, 2048, 1], 16, 64, 1, SMS, 10**9, 10**5, 10**5,
                          sched=KV_AS_M_SCHEDULE, deterministic=True)
     assert sorted(_pieces(det)) == [(0, 0, 2048), (0, 2048, 4096), (0, 4096, 5000), (1, 0, 2048), (2, 0, 1)]
-    assert deterministic_pieces([1, 1, 1], [5000, 2048, 1], 16, KV_AS_M_SCHEDULE) == 5
-    assert deterministic_pieces([1, 1, 1], [5000, 2048, 1], 16) == 8  # 1024-token pieces elsewhere
+    assert deterministic_pieces([1, 1, 1], [5000, 2048, 1], 16, SMS, 64, KV_AS_M_SCHEDULE) == 5
+    assert deterministic_pieces([1, 1, 1], [5000, 2048, 1], 16, SMS, 64) == 8  # 1024-token pieces elsewhere
+
+
+def test_batch_invariant_long_request_fills_three_quarters_of_the_sms() -> None:
+    """Batch-invariant mode: a request longer than 32 chunks is cut into pieces for 3/4 of the
+    SMs (W7's 128K request: 98 pieces of 1344 tokens, its 31 short requests on the SMs left),
+    the same alone as in any batch; up to 32 chunks (W4's 64K) the chunk stays."""
+    from openmla.schedule import KV_AS_M_SCHEDULE, deterministic_pieces, deterministic_request_chunk
+
+    assert deterministic_request_chunk(131072, 2048, SMS, 64) == 1344
+    assert deterministic_request_chunk(65536, 2048, SMS, 64) == 2048
+    assert deterministic_request_chunk(10**6, 2048, SMS, 64) == 2048  # never longer than the chunk
+    w7 = [131072] + [1024] * 31
+    crowd = build_schedule([1] * 32, w7, 16, 64, 1, SMS, 10**9, 10**5, 10**5, sched=KV_AS_M_SCHEDULE,
+                           deterministic=True)
+    alone = build_schedule([1], w7[:1], 16, 64, 1, SMS, 10**9, 10**5, 10**5, sched=KV_AS_M_SCHEDULE,
+                           deterministic=True)
+    assert crowd.num_pieces == 98 + 31 <= SMS
+    assert sorted(p[1:] for p in _pieces(crowd) if p[0] == 0) == sorted(p[1:] for p in _pieces(alone))
+    assert deterministic_pieces([1] * 32, w7, 16, SMS, 64, KV_AS_M_SCHEDULE) == crowd.num_pieces
 
 
 def test_kv_as_m_routing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """16-bit caches below 64 heads take the kv_as_m kernel (16- or 32-row tiles, by the batch's
-    largest request); 64+ heads and 656-byte rows keep the 64-row kernel unless the variable
-    forces kv_as_m for 16-bit caches."""
+    """Below 64 heads, 16-bit caches and 656-byte rows take the kv_as_m kernel (16- or 32-row
+    tiles, by the batch's largest request); 64+ heads keep the 64-row kernel. The variable pins
+    the choice: kv_as_m for every plan, a 64-row schedule's name for none."""
     from openmla.kernels.decode_tilelang import PLAN_CONFIG, plan_config, uses_kv_as_m
 
     monkeypatch.delenv("OPENMLA_TILELANG_SCHEDULE", raising=False)
     assert uses_kv_as_m(1, "plain") and uses_kv_as_m(63, "plain")
-    assert not uses_kv_as_m(64, "plain") and not uses_kv_as_m(16, "ds_mla")
+    assert uses_kv_as_m(16, "ds_mla") and uses_kv_as_m(9, "ds_mla")
+    assert not uses_kv_as_m(64, "plain") and not uses_kv_as_m(64, "ds_mla") and not uses_kv_as_m(16, None)
     assert plan_config(16, 16, "plain").kv_as_m and plan_config(16, 16, "plain").block_m == 16
     assert plan_config(16, 32, "plain").block_m == 32 and plan_config(24, 72, "plain").block_m == 32
-    assert plan_config(128, 256, "plain") == PLAN_CONFIG and plan_config(16, 16, "ds_mla") == PLAN_CONFIG
+    assert plan_config(16, 16, "ds_mla").kv_as_m and plan_config(16, 32, "ds_mla").block_m == 32
+    assert plan_config(128, 256, "plain") == PLAN_CONFIG and plan_config(128, 256, "ds_mla") == PLAN_CONFIG
     monkeypatch.setenv("OPENMLA_TILELANG_SCHEDULE", "kv_as_m")
-    assert plan_config(128, 128, "plain").kv_as_m and not uses_kv_as_m(128, "ds_mla")
+    assert plan_config(128, 128, "plain").kv_as_m and uses_kv_as_m(128, "ds_mla")
+    monkeypatch.setenv("OPENMLA_TILELANG_SCHEDULE", "seesaw")
+    assert not uses_kv_as_m(16, "plain") and plan_config(16, 16, "ds_mla") == PLAN_CONFIG

@@ -4,7 +4,9 @@ The batch's KV is cut into *pieces* (request, token range). Automatic mode sizes
 whole batch makes about ``waves`` pieces per SM (long requests get many pieces, short ones stay
 whole); a pinned split count (``num_splits``) cuts every request into exactly that many pieces,
 possibly empty. Batch-invariant mode (``deterministic``) cuts every request at multiples of
-``deterministic_chunk(num_heads)`` tokens, so a request's pieces depend on its own length only. Piece
+``deterministic_chunk(num_heads)`` tokens (shorter for very long requests:
+``deterministic_request_chunk``), so a request's pieces depend on its own length (and the SM
+count) only. Piece
 boundaries are always multiples of ``block_n`` (the decode kernel relies on
 it to address a block through one page id when the page size allows). A request cut into one piece writes its output directly; the pieces of a split
 request write fp32 partials that the merge kernel combines.
@@ -85,10 +87,28 @@ def _deterministic_chunk(num_heads: int, sched: ScheduleConfig) -> int:
     return deterministic_chunk(num_heads) * sched.det_chunk_scale
 
 
-def deterministic_pieces(qo_lens: list[int], kv_lens: list[int], num_heads: int,
+# Batch-invariant mode: a request longer than LONG_REQUEST_CHUNKS chunks is cut into pieces for
+# at least LONG_REQUEST_SM_SHARE of the SMs (shorter pieces, multiples of block_n), whatever
+# else is in the batch. A long request's pieces set a skewed batch's time: W7's 128K request at
+# 2048 tokens made 64 pieces for 132 SMs, 0.84x of the default mode (H200); its 31 short
+# requests fill the SMs left over. The cut depends on the request's length and the SM count.
+LONG_REQUEST_CHUNKS = 32
+LONG_REQUEST_SM_SHARE = 0.75
+
+
+def deterministic_request_chunk(length: int, chunk: int, num_sms: int, block_n: int) -> int:
+    """Batch-invariant mode's piece length for a request of ``length`` tokens."""
+    if length <= LONG_REQUEST_CHUNKS * chunk:
+        return chunk
+    pieces = max(1, int(num_sms * LONG_REQUEST_SM_SHARE))
+    return min(chunk, cdiv(cdiv(length, pieces), block_n) * block_n)
+
+
+def deterministic_pieces(qo_lens: list[int], kv_lens: list[int], num_heads: int, num_sms: int, block_n: int,
                          sched: ScheduleConfig = DEFAULT_SCHEDULE) -> int:
     chunk = _deterministic_chunk(num_heads, sched)
-    return sum(max(1, cdiv(n, chunk)) for q, n in zip(qo_lens, kv_lens) if q)
+    return sum(max(1, cdiv(n, deterministic_request_chunk(n, chunk, num_sms, block_n)))
+               for q, n in zip(qo_lens, kv_lens) if q)
 
 
 def _target_pieces(num_sms: int, row_blocks: int, sched: ScheduleConfig) -> int:
@@ -147,8 +167,8 @@ def build_schedule(
             )
     elif deterministic:
         chunk = _deterministic_chunk(num_heads, sched)
-        splits = [max(1, cdiv(kv_lens[b], chunk)) if rows[b] else 0 for b in range(batch)]
-        chunks = [chunk] * batch
+        chunks = [deterministic_request_chunk(n, chunk, num_sms, block_n) for n in kv_lens]
+        splits = [max(1, cdiv(kv_lens[b], chunks[b])) if rows[b] else 0 for b in range(batch)]
         if _partial_rows(splits, rows) > part_rows_capacity:
             raise ValueError(
                 f"deterministic mode needs {_partial_rows(splits, rows)} partial rows, the workspace "

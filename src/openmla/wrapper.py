@@ -40,7 +40,7 @@ from openmla.schedule import (
     deterministic_pieces,
     work_capacity,
 )
-from openmla.tuning import decode_reduce_config, reduce_config
+from openmla.tuning import decode_reduce_config, invariant_spread, reduce_config
 from openmla.validation import (
     ATTN_DTYPES,
     INDEX_DTYPES,
@@ -282,7 +282,7 @@ class BatchMLAPagedAttentionWrapper:
             sched_cfg, inline_max = _config.DEFAULT_SCHEDULE, _config.INLINE_MERGE_MAX
         row_blocks = max(1, cdiv(max_rows, cfg.block_m))
         num_sms = self._num_sms()
-        det_pieces = (deterministic_pieces(qo_lens, kv_len_host, num_heads, sched_cfg)
+        det_pieces = (deterministic_pieces(qo_lens, kv_len_host, num_heads, num_sms, cfg.block_n, sched_cfg)
                       if deterministic and num_splits is None else None)
         if self._use_cuda_graph:
             if self._graph_shape is None:
@@ -324,6 +324,8 @@ class BatchMLAPagedAttentionWrapper:
         if deterministic or self._use_cuda_graph:
             # fixed by heads alone: bitwise batch invariance, and a graph's baked-in launch
             merge_config = decode_reduce_config(num_heads, D_CKV, self._device, backend == BACKEND_TILELANG)
+            if not self._use_cuda_graph:
+                merge_config = invariant_spread(merge_config, sched.merge_kernel_tokens, num_heads, D_CKV, num_sms)
         else:
             merge_config = reduce_config(max(sched.merge_kernel_tokens, 1), num_heads, D_CKV,
                                          max(sched.merge_kernel_pieces, 2), self._device)

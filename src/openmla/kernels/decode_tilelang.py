@@ -1,7 +1,7 @@
 """Decode in TileLang (Hopper warpgroup MMA, TMA, warp specialisation), the optional fast path:
 a compute-bound kernel for tiles of 64 query rows (``num_heads % 64 == 0``: 64 or 128 heads, any
-``qo_len``; 656-byte fp8 rows at ``num_heads % 8 == 0``) and a memory-bound one for 16-bit caches
-below 64 heads (``_kv_as_m_func``: the KV tokens as the MMAs' M dimension).
+``qo_len``; 656-byte fp8 rows at ``num_heads % 8 == 0``) and a memory-bound one below 64 heads
+(``_kv_as_m_func``: the KV tokens as the MMAs' M dimension; 16-bit caches and 656-byte rows).
 
 One program handles one work item of the plan (see ``openmla.schedule``) for one 64-row block:
 the plan's arrays are read exactly as the Triton kernel reads them, so both paths share the
@@ -57,9 +57,10 @@ CACHE_LAYOUTS = ("plain", "ds_mla")  # 16-bit ckv / kpe caches; 656-byte fp8 row
 
 def supports(num_heads: int, page_size: int, layout: str | None, device: torch.device) -> bool:
     """Whether the TileLang path can run this plan (the Triton kernel covers everything else).
-    ``layout``: one of ``CACHE_LAYOUTS`` (None: a cache this path does not read). 16-bit caches
-    run the ``kv_as_m`` kernel below 64 heads (:func:`uses_kv_as_m`), the compute-bound schedules
-    at multiples of 64; the 656-byte rows run in the default schedule only."""
+    ``layout``: one of ``CACHE_LAYOUTS`` (None: a cache this path does not read). Below 64 heads
+    both run the ``kv_as_m`` kernel (:func:`uses_kv_as_m`); the compute-bound schedules take
+    16-bit caches at multiples of 64 heads and 656-byte rows at multiples of 8 (``seesaw``
+    only)."""
     if layout not in CACHE_LAYOUTS or not (device.type == "cuda" and page_size % BLOCK_N == 0):
         return False
     if not (_is_hopper(device) and tilelang_available()):
@@ -75,12 +76,14 @@ def supports(num_heads: int, page_size: int, layout: str | None, device: torch.d
 
 
 def uses_kv_as_m(num_heads: int, layout: str | None) -> bool:
-    """16-bit caches below 64 heads stream through the ``kv_as_m`` kernel (64-token blocks on
-    wgmma with the request's rows as N, so few rows cost no padded MMAs);
-    ``OPENMLA_TILELANG_SCHEDULE=kv_as_m`` puts every 16-bit plan on it (A/B runs)."""
-    if layout != "plain":
+    """Below 64 heads, 16-bit caches and 656-byte rows stream through the ``kv_as_m`` kernel
+    (64-token blocks on wgmma with the request's rows as N, so few rows cost no padded MMAs).
+    ``OPENMLA_TILELANG_SCHEDULE`` pins it for A/B runs: ``kv_as_m`` puts every plan on it, a
+    64-row schedule's name keeps every plan off it."""
+    if layout not in CACHE_LAYOUTS:
         return False
-    return num_heads < BLOCK_M or _schedule_name() == KV_AS_M
+    pinned = os.environ.get("OPENMLA_TILELANG_SCHEDULE")
+    return pinned == KV_AS_M if pinned else num_heads < BLOCK_M
 
 
 def plan_config(num_heads: int, max_rows: int, layout: str | None) -> DecodeConfig:
@@ -138,8 +141,9 @@ def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block
         schedule = _schedule_name()
     if schedule not in (*SCHEDULES, KV_AS_M):
         raise ValueError(f"schedule must be one of {(*SCHEDULES, KV_AS_M)}, got {schedule!r}")
-    if ds_mla and (schedule != "seesaw" or dtype != "bfloat16"):
-        raise ValueError(f"656-byte fp8 rows need the seesaw schedule and bf16 queries, got {schedule!r}, {dtype}")
+    if ds_mla and (schedule not in ("seesaw", KV_AS_M) or dtype != "bfloat16"):
+        raise ValueError(f"656-byte fp8 rows need the seesaw or kv_as_m schedule and bf16 queries, got "
+                         f"{schedule!r}, {dtype}")
     dq_early = DQ_EARLY if dq_early is None else int(dq_early)
     if not 0 <= dq_early <= DQ_STEPS:
         raise ValueError(f"dq_early must be in [0, {DQ_STEPS}], got {dq_early}")
@@ -156,7 +160,7 @@ def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
 
     configs = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True} if fast_math else None
     if schedule == KV_AS_M:
-        func = _kv_as_m_func(num_heads, page_size, dtype, causal, block_m)
+        func = _kv_as_m_func(num_heads, page_size, dtype, causal, block_m, ds_mla)
         return tilelang.compile(func, target=_target(), execution_backend=_backend(), pass_configs=configs)
     if schedule in ("seesaw", "seesaw_split"):
         if block_n != BLOCK_N or num_stages != NUM_STAGES:
@@ -286,26 +290,37 @@ def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
     return tilelang.compile(decode, target=_target(), execution_backend=_backend(), pass_configs=configs)
 
 
-def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, block_m: int):
+def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, block_m: int,
+                  ds_mla: bool = False):
     """The memory-bound kernel for few rows: the KV tokens are the products' M dimension,
     ``S^T = K Q^T`` [64, block_m] and ``O^T += V^T P^T`` [512, block_m], so a request's 4-32
     rows cost no padded MMA work (wgmma N = block_m), and one consumer warpgroup streams the
     KV while TileLang's producer warpgroup TMA-loads the next block. The softmax reduces over
     the tokens (axis 0). Same arguments and contract as the other schedules; the block's rows past
     its request's are computed from whatever Q rows follow (other requests', or TMA zeros) and
-    not stored."""
+    not stored.
+
+    ``ds_mla`` (656-byte fp8 rows, bf16 queries): ``KV`` is the e4m3 view of the rows' codes and
+    ``KPE`` the bf16 view of their last 144 bytes, the four float32 group scales (as 8 bf16)
+    then the rope. The producer loads codes, scales and rope by TMA; the consumer writes the
+    block's bf16 latent, ``code * scale`` rounded once, into a shared tile the two products read.
+    """
     import tilelang.language as T
 
     H, PAGE, BM, BN = num_heads, page_size, block_m, BLOCK_N
     acc = "float32"
     rows, slots, n_idx, batch1, batch, work, part_rows, s_qn, s_qp, s_kv, s_kpe, s_o = _shape_vars()
+    kv_dtype = "float8_e4m3fn" if ds_mla else dtype
+    kpe_width = DS_MLA_TAIL if ds_mla else D_KPE
+    if ds_mla and dtype != "bfloat16":
+        raise ValueError(f"656-byte fp8 rows need bf16 queries, got {dtype}")
 
     @T.prim_func
     def decode(
         Q: T.StridedTensor([rows, D_CKV], (s_qn, 1), dtype),
         QP: T.StridedTensor([rows, D_KPE], (s_qp, 1), dtype),
-        KV: T.StridedTensor([slots, D_CKV], (s_kv, 1), dtype),
-        KPE: T.StridedTensor([slots, D_KPE], (s_kpe, 1), dtype),
+        KV: T.StridedTensor([slots, D_CKV], (s_kv, 1), kv_dtype),
+        KPE: T.StridedTensor([slots, kpe_width], (s_kpe, 1), dtype),
         kv_indices: T.Tensor([n_idx], "int32"),
         qo_indptr: T.Tensor([batch1], "int32"),
         kv_indptr: T.Tensor([batch1], "int32"),
@@ -329,6 +344,14 @@ def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
             kv_s = T.alloc_shared([BN, D_CKV], dtype)
             kpe_s = T.alloc_shared([BN, D_KPE], dtype)
             p_s = T.alloc_shared([BN, BM], dtype)
+            if ds_mla:
+                T.import_source(_DS_MLA_SCALE_SOURCE)
+                k8_s = T.alloc_shared([BN, D_CKV], kv_dtype)
+                sc_s = T.alloc_shared([BN, DS_MLA_TAIL - D_KPE], dtype)  # 4 float32 as 8 bf16
+                scl_s = T.alloc_shared([BN, DS_MLA_GROUPS], acc)
+                kv_r = T.alloc_local([2], "int32")  # the piece's token range
+                k8_f = T.alloc_fragment([BN, D_CKV], kv_dtype)
+                scl_f = T.alloc_fragment([BN, D_CKV // 16], acc)
             s_t = T.alloc_fragment([BN, BM], acc)
             o_t = T.alloc_fragment([D_CKV, BM], acc)
             m_i = T.alloc_fragment([BM], acc)
@@ -349,6 +372,9 @@ def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
                 row0 = q_begin * H + i_m * BM
                 rq0 = i_m * BM  # request-local row of the block's first row
                 valid = qo_len * H - rq0
+                if ds_mla:
+                    kv_r[0] = kv_begin
+                    kv_r[1] = kv_end
 
                 T.copy(Q[row0:row0 + BM, :], q_s)
                 T.copy(QP[row0:row0 + BM, :], qp_s)
@@ -360,8 +386,31 @@ def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
                 for k in T.Pipelined(n_blocks, num_stages=NUM_STAGES):
                     start = kv_begin + k * BN
                     slot0 = _slot_of(kv_indices, page_base, start, PAGE)
-                    T.copy(KV[slot0:slot0 + BN, :], kv_s)
-                    T.copy(KPE[slot0:slot0 + BN, :], kpe_s)
+                    if ds_mla:
+                        T.copy(KV[slot0:slot0 + BN, :], k8_s)
+                        T.copy(KPE[slot0:slot0 + BN, 0:DS_MLA_TAIL - D_KPE], sc_s)
+                        T.copy(KPE[slot0:slot0 + BN, DS_MLA_TAIL - D_KPE:DS_MLA_TAIL], kpe_s)
+                        for j, g in T.Parallel(BN, DS_MLA_GROUPS):
+                            scl_s[j, g] = T.call_extern(acc, "om_f32_of_bf16x2", sc_s[j, 2 * g], sc_s[j, 2 * g + 1])
+                        # Codes and scales go to registers first: a loop that reads shared
+                        # memory while it writes the tile gets a barrier per iteration.
+                        T.copy(k8_s, k8_f)
+                        for j, c16 in T.Parallel(BN, D_CKV // 16):
+                            scl_f[j, c16] = scl_s[j, c16 // (DS_MLA_GROUP // 16)]
+                        for j, c in T.Parallel(BN, D_CKV):
+                            kv_s[j, c] = T.cast(T.cast(k8_f[j, c], acc) * scl_f[j, c // 16], dtype)
+                        # Rows past the range are zeros (unused slots may hold NaN codes or
+                        # scales). TileLang takes a shared-memory store that reads nothing but
+                        # global memory (or nothing, like a constant) for a load, and would
+                        # double-buffer the tile (more shared memory than an SM has): the range
+                        # comes from registers and the store reads the tile.
+                        if kv_r[0] + k * BN + BN > kv_r[1]:
+                            for j, c in T.Parallel(BN, D_CKV):
+                                kv_s[j, c] = T.if_then_else(kv_r[0] + k * BN + j < kv_r[1], kv_s[j, c],
+                                                            T.cast(0, dtype))
+                    else:
+                        T.copy(KV[slot0:slot0 + BN, :], kv_s)
+                        T.copy(KPE[slot0:slot0 + BN, :], kpe_s)
                     T.gemm(kv_s, q_s, s_t, transpose_B=True, clear_accum=True)
                     T.gemm(kpe_s, qp_s, s_t, transpose_B=True)
                     for j, i in T.Parallel(BN, BM):
@@ -382,7 +431,7 @@ def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
                         # the row sums are reduced across threads once, after the loop
                         l_t[j, i] = l_t[j, i] * alpha[i] + s_t[j, i]
                     T.copy(s_t, p_s)
-                    if start + BN > kv_end:
+                    if not ds_mla and start + BN > kv_end:
                         # slots past the range may hold NaN, and 0 * NaN would reach the output
                         for j, c in T.Parallel(BN, D_CKV):
                             if start + j >= kv_end:
@@ -413,6 +462,21 @@ def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
                             PartLse[part_row + rq0 + i] = lse_f[i]
 
     return decode
+
+
+DS_MLA_GROUP = 128  # latent channels per float32 scale
+DS_MLA_GROUPS = D_CKV // DS_MLA_GROUP
+DS_MLA_TAIL = 72  # a 656-byte row's last 144 bytes as bf16: 4 float32 scales (8), the rope (64)
+# A float32 scale from the two bf16 halves it was read as (little-endian: low half first).
+_DS_MLA_SCALE_SOURCE = r"""
+template <typename T>
+__device__ __forceinline__ float om_f32_of_bf16x2(T lo, T hi) {
+  unsigned short l, h;
+  memcpy(&l, &lo, 2);
+  memcpy(&h, &hi, 2);
+  return __uint_as_float(static_cast<unsigned>(l) | (static_cast<unsigned>(h) << 16));
+}
+"""
 
 
 SEESAW_THREADS = 384  # warpgroups 0 and 1 consume, warpgroup 2 loads
@@ -925,9 +989,15 @@ def launch_decode_tilelang(
     """Launch over ``[T, H, *]`` queries/output, ``[T, H]`` lse and ``[P, page, *]`` caches;
     returns False, launching nothing, when they cannot be addressed as the kernel's flat row
     arrays (rows not at one 16-byte stride, a strided lse, int64 page ids). ``ds_mla``: the
-    caches are the e4m3 and rope views of 656-byte rows (``ops.kv_views``); the kernel reads the
-    group scales at byte 512 of each e4m3 row."""
-    if ds_mla:
+    caches are the e4m3 and rope views of 656-byte rows (``ops.kv_views``); the 64-row kernel
+    reads the group scales at byte 512 of each e4m3 row, the ``kv_as_m`` one a bf16 view of the
+    row from byte 512 on (scales, then rope)."""
+    kv_as_m = variant.get("schedule") == KV_AS_M
+    if ds_mla and kv_as_m:
+        # the row's tail from the scales on (byte 512): 8 bf16 of scales, then the rope
+        kpe_cache = kpe_cache.as_strided(kpe_cache.shape[:2] + (DS_MLA_TAIL,), kpe_cache.stride(),
+                                         kpe_cache.storage_offset() - (DS_MLA_TAIL - D_KPE))
+    elif ds_mla:
         ckv_cache = ckv_cache.view(torch.uint8)
     views = [_rows(t) for t in (q_nope, q_pe, ckv_cache, kpe_cache, out)]
     if any(v is None for v in views) or kv_indices.dtype != torch.int32 or lse.stride() != (lse.shape[1], 1):
@@ -946,6 +1016,11 @@ def launch_decode_tilelang(
 _ENTRIES: dict[int, object] = {}
 
 
+def wrapper_launches() -> int:
+    """How many compiled kernels launch through TileLang's Python wrapper (not directly)."""
+    return sum(1 for k, fn in _ENTRIES.items() if id(fn) == k)
+
+
 def _entry(kernel):
     """The compiled kernel's TVM-FFI function, called directly: TileLang's Python wrapper around
     it (argument count, output allocation) adds host time to every launch, and a small batch's
@@ -953,7 +1028,10 @@ def _entry(kernel):
     fn = _ENTRIES.get(id(kernel))  # kernels live in _build_kernel's cache: ids stay unique
     if fn is None:
         try:
-            fn = kernel.adapter._get_executable().jit().main
+            exe = kernel.adapter._get_executable()
+            # a fresh compile holds an Executable to JIT; one loaded from TileLang's disk cache
+            # (any process after the first) holds the loaded module itself
+            fn = (exe.jit() if hasattr(exe, "jit") else exe).main
         except Exception:  # noqa: BLE001
             fn = kernel
         _ENTRIES[id(kernel)] = fn

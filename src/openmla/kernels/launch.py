@@ -23,6 +23,7 @@ from openmla._interp import is_interpreting
 _CACHE: dict[tuple, tuple] = {}
 _CAPACITY = 4096
 _BROKEN = False  # set when this triton's JIT internals differ from what the fast path expects
+_JIT_ONLY = object()  # marks a key whose launches keep the JIT path
 
 
 def _key(fn, device: int, args: tuple, kwargs: dict) -> tuple:
@@ -53,6 +54,9 @@ def launch(fn, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
         kernel = fn[grid](*args, **kwargs)
         _remember(key, fn, kernel, device, args, kwargs)
         return
+    if hit is _JIT_ONLY:
+        fn[grid](*args, **kwargs)
+        return
     kernel, tail = hit
     g = (*grid, 1, 1)
     stream = torch._C._cuda_getCurrentRawStream(device)
@@ -67,15 +71,23 @@ def _remember(key: tuple, fn, kernel, device: int, args: tuple, kwargs: dict) ->
     try:
         binder = fn.device_caches[device][4]
         values = list(binder(*args, **kwargs)[0].values())
-        if len(values) < len(args) or any(v is not a for v, a in zip(values, args)):
-            raise RuntimeError("the kernel's leading parameters are not the positional arguments")
         kernel.function  # noqa: B018 - loaded by the JIT launch; fail here, not on a later launch
     except Exception:  # noqa: BLE001 - another triton version: stay on the JIT path
         _BROKEN = True
         return
     if len(_CACHE) >= _CAPACITY:  # keys hold exact sizes (the merge's token count): stay bounded
         _CACHE.clear()
+    if len(values) < len(args) or any(v is not a for v, a in zip(values, args)):
+        # the JIT bound the positional arguments otherwise (e.g. specialised one away): this
+        # specialisation keeps the JIT path, the others keep theirs
+        _CACHE[key] = _JIT_ONLY
+        return
     _CACHE[key] = (kernel, tuple(values[len(args):]))
+
+
+def slow_paths() -> int:
+    """How many recorded specialisations launch through the JIT (-1: all of them)."""
+    return -1 if _BROKEN else sum(1 for v in _CACHE.values() if v is _JIT_ONLY)
 
 
 def clear() -> None:

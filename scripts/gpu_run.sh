@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 
 status=0
 if [[ " $* " != *" --bench-only "* ]]; then
-  # the kv_as_m kernels compile in parallel first; the tests load them from TileLang's cache
+  # the tests' TileLang kernels compile in parallel first; the tests load them from its disk cache
   python3 scripts/precompile_tilelang.py 2>&1 | grep -v TileLang | tail -n 2
   python3 -m pytest -m gpu -q -p no:cacheprovider tests --junitxml="$OUT/gpu_tests.xml" 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -n 25 || status=1

@@ -14,15 +14,7 @@ import torch
 
 from openmla import BatchMLAPagedAttentionWrapper
 from openmla.kernels.decode_tilelang import supports, tilelang_available, wrapper_launches
-from openmla.testing import (
-    assert_attention_close,
-    batch_case,
-    batch_case_id,
-    make_paged_case,
-    nan_like,
-    run_and_check,
-    to_fp8_ds_mla,
-)
+from openmla.testing import batch_case, batch_case_id, make_paged_case, run_and_check, run_and_check_ds_mla
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not tilelang_available(), reason="tilelang is not installed")]
@@ -65,43 +57,29 @@ def test_kv_as_m_workload_shapes(batch: int, kv: int, heads: int, qo_len: int, g
     assert wrapper_launches() == 0
 
 
-def test_kv_as_m_batch_invariant(gpu_workspace: torch.Tensor) -> None:
-    """A request decoded alone (16 rows: a 16-row tile) and beside an MTP request (32-row tiles)
-    in batch-invariant mode: bitwise the same output and lse."""
-    alone = make_paged_case([5000], 16, 64, device=CUDA, seed=21)
-    ref_out, ref_lse = run_and_check(BatchMLAPagedAttentionWrapper(gpu_workspace), alone, deterministic=True)
-    crowd = make_paged_case([300, 5000, 9000], 16, 64, qo_len=[2, 1, 1], device=CUDA, seed=22)
-    p = alone.kv_indices[: -(-5000 // 64)].long()
+def _alone_and_in_a_crowd(kv: int, seed: int):
+    """One 16-head request of ``kv`` tokens alone, and the same request (its queries and KV
+    pages) as request 1 of a batch beside an MTP request (32-row tiles); returns the two cases
+    and the request's query row in the batch."""
+    alone = make_paged_case([kv], 16, 64, device=CUDA, seed=seed)
+    crowd = make_paged_case([300, kv, 9000], 16, 64, qo_len=[2, 1, 1], device=CUDA, seed=seed + 1)
+    p = alone.kv_indices[: -(-kv // 64)].long()
     pages = crowd.kv_indices[crowd.kv_indptr[1]: crowd.kv_indptr[1] + p.numel()].long()
     crowd.ckv_cache[pages] = alone.ckv_cache[p]
     crowd.kpe_cache[pages] = alone.kpe_cache[p]
     row = crowd.qo_indptr[1].item()
     crowd.q_nope[row] = alone.q_nope[0]
     crowd.q_pe[row] = alone.q_pe[0]
+    return alone, crowd, row
+
+
+def test_kv_as_m_batch_invariant(gpu_workspace: torch.Tensor) -> None:
+    """A request decoded alone (16 rows: a 16-row tile) and beside an MTP request (32-row tiles)
+    in batch-invariant mode: bitwise the same output and lse."""
+    alone, crowd, row = _alone_and_in_a_crowd(5000, seed=21)
+    ref_out, ref_lse = run_and_check(BatchMLAPagedAttentionWrapper(gpu_workspace), alone, deterministic=True)
     out, lse = run_and_check(BatchMLAPagedAttentionWrapper(gpu_workspace), crowd, deterministic=True)
     assert torch.equal(out[row], ref_out[0]) and torch.equal(lse[row], ref_lse[0])
-
-
-def _run_ds_mla(wrapper: BatchMLAPagedAttentionWrapper, case, num_splits: int | None = None,
-                deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``case`` over its cache as 656-byte rows, checked against the oracle on the dequantised
-    cache (the kernel computes on exactly it) and, within the quantisation bound of
-    tests/test_fp8_decode.py, on the unquantised one; the cache is left as it was."""
-    kv, deq = to_fp8_ds_mla(case)
-    kv_before = kv.clone()
-    args = list(case.plan_args())
-    args[-1] = torch.uint8
-    wrapper.plan(*args, num_splits=num_splits, deterministic=deterministic)
-    assert wrapper.backend == "tilelang"
-    out = nan_like(case.q_nope)
-    lse = torch.full(case.q_nope.shape[:2], float("nan"), device=CUDA)
-    wrapper.run(case.q_nope, case.q_pe, kv, None, out=out, lse=lse)
-    torch.cuda.synchronize()
-    assert_attention_close(out, lse, deq.reference(), deq.lowp_reference())
-    assert torch.equal(kv, kv_before)
-    used = torch.nan_to_num(case.ckv_cache.float(), nan=0.0)
-    assert float((out.double() - case.reference()[0].double()).abs().max()) <= 2.0**-3 * float(used.abs().max())
-    return out, lse
 
 
 # (kv_lens, heads, page, qo_len, causal, dtype, num_splits, packed): bf16 queries only
@@ -117,21 +95,16 @@ DS_MLA_CASES = [
 
 @pytest.mark.parametrize("params", DS_MLA_CASES, ids=batch_case_id)
 def test_kv_as_m_ds_mla_against_oracle(params: tuple, gpu_workspace: torch.Tensor) -> None:
-    _run_ds_mla(BatchMLAPagedAttentionWrapper(gpu_workspace), batch_case(params, CUDA), params[6])
+    run_and_check_ds_mla(BatchMLAPagedAttentionWrapper(gpu_workspace), batch_case(params, CUDA), params[6],
+                         expect_backend="tilelang")
 
 
 def test_kv_as_m_ds_mla_batch_invariant(gpu_workspace: torch.Tensor) -> None:
     """656-byte rows in batch-invariant mode: a request alone and beside others (an MTP request
     widens the tile to 32 rows) gives bitwise the same output and lse."""
-    alone = make_paged_case([7000], 16, 64, device=CUDA, seed=31)
-    ref_out, ref_lse = _run_ds_mla(BatchMLAPagedAttentionWrapper(gpu_workspace), alone, deterministic=True)
-    crowd = make_paged_case([300, 7000, 9000], 16, 64, qo_len=[2, 1, 1], device=CUDA, seed=32)
-    p = alone.kv_indices[: -(-7000 // 64)].long()
-    pages = crowd.kv_indices[crowd.kv_indptr[1]: crowd.kv_indptr[1] + p.numel()].long()
-    crowd.ckv_cache[pages] = alone.ckv_cache[p]
-    crowd.kpe_cache[pages] = alone.kpe_cache[p]
-    row = crowd.qo_indptr[1].item()
-    crowd.q_nope[row] = alone.q_nope[0]
-    crowd.q_pe[row] = alone.q_pe[0]
-    out, lse = _run_ds_mla(BatchMLAPagedAttentionWrapper(gpu_workspace), crowd, deterministic=True)
+    alone, crowd, row = _alone_and_in_a_crowd(7000, seed=31)
+    ref_out, ref_lse = run_and_check_ds_mla(BatchMLAPagedAttentionWrapper(gpu_workspace), alone,
+                                            deterministic=True, expect_backend="tilelang")
+    out, lse = run_and_check_ds_mla(BatchMLAPagedAttentionWrapper(gpu_workspace), crowd, deterministic=True,
+                                    expect_backend="tilelang")
     assert torch.equal(out[row], ref_out[0]) and torch.equal(lse[row], ref_lse[0])

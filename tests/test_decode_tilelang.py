@@ -17,9 +17,8 @@ from openmla.testing import (
     batch_case,
     batch_case_id,
     make_paged_case,
-    nan_like,
     run_and_check,
-    to_fp8_ds_mla,
+    run_and_check_ds_mla,
 )
 
 pytestmark = [pytest.mark.gpu,
@@ -167,23 +166,9 @@ def _ds_mla_id(c: tuple) -> str:
 
 
 def _check_ds_mla(case, splits, schedule: str, gpu_workspace: torch.Tensor) -> None:
-    kv, deq = to_fp8_ds_mla(case)
-    kv_before = kv.clone()
-    wrapper = BatchMLAPagedAttentionWrapper(gpu_workspace)
-    args = list(case.plan_args())
-    args[-1] = torch.uint8
-    wrapper.plan(*args, num_splits=splits)
-    # the 656-byte rows run in the default schedule; the others leave them to Triton
-    assert wrapper.backend == ("tilelang" if schedule == "seesaw" else "triton")
-    out = nan_like(case.q_nope)
-    lse = torch.full(case.q_nope.shape[:2], float("nan"), device=CUDA)
-    wrapper.run(case.q_nope, case.q_pe, kv, None, out=out, lse=lse)
-    torch.cuda.synchronize()
-    assert_attention_close(out, lse, deq.reference(), deq.lowp_reference())
-    assert torch.equal(kv, kv_before)
-    # against the unquantised cache: the quantisation error (tests/test_fp8_decode.py's bound)
-    used = torch.nan_to_num(case.ckv_cache.float(), nan=0.0)
-    assert float((out.double() - case.reference()[0].double()).abs().max()) <= 2.0**-3 * float(used.abs().max())
+    # the 656-byte rows run in the seesaw schedule; the others leave them to Triton
+    run_and_check_ds_mla(BatchMLAPagedAttentionWrapper(gpu_workspace), case, splits,
+                         expect_backend="tilelang" if schedule == "seesaw" else "triton")
 
 
 @pytest.mark.parametrize("params", DS_MLA_CASES, ids=_ds_mla_id)

@@ -239,3 +239,30 @@ def run_and_check(wrapper, case: PagedCase, num_splits: int | None = None, deter
         torch.cuda.synchronize()
     assert_attention_close(out, lse, case.reference(), case.lowp_reference())
     return out, lse
+
+
+def run_and_check_ds_mla(wrapper, case: PagedCase, num_splits: int | None = None, deterministic: bool = False,
+                         expect_backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``case`` over its cache as 656-byte fp8 rows (:func:`to_fp8_ds_mla`): planned with
+    ``kv_data_type=torch.uint8``, run into NaN-poisoned ``out`` / ``lse``, checked against the
+    oracle on the dequantised cache (the kernel computes on exactly it) and, within the
+    quantisation bound of DESIGN.md "FP8 decode" (``2**-3 * max|ckv|`` for randn caches: e4m3
+    rounds each value to ``2**-4`` relative, and the scores move with K's error), on the
+    unquantised one; the cache must be left as it was. Returns ``(out, lse)``."""
+    kv, deq = to_fp8_ds_mla(case)
+    kv_before = kv.clone()
+    args = list(case.plan_args())
+    args[-1] = torch.uint8
+    wrapper.plan(*args, num_splits=num_splits, deterministic=deterministic)
+    if expect_backend is not None:
+        assert wrapper.backend == expect_backend
+    out = nan_like(case.q_nope)
+    lse = torch.full(case.q_nope.shape[:2], float("nan"), device=case.q_nope.device)
+    wrapper.run(case.q_nope, case.q_pe, kv, None, out=out, lse=lse)
+    if out.is_cuda:
+        torch.cuda.synchronize()
+    assert_attention_close(out, lse, deq.reference(), deq.lowp_reference())
+    assert torch.equal(kv, kv_before)
+    used = torch.nan_to_num(case.ckv_cache.float(), nan=0.0)
+    assert float((out.double() - case.reference()[0].double()).abs().max()) <= 2.0**-3 * float(used.abs().max())
+    return out, lse

@@ -143,8 +143,9 @@ class BatchMLAPagedAttentionWrapper:
     def _backend(self, num_heads: int, page_size: int, kv_format: int,
                  decode_config: _config.DecodeConfig | None) -> int:
         """TileLang on Hopper when it is installed and serves the plan
-        (``decode_tilelang.supports``: 16-bit caches below 64 heads or at multiples of 64, 656-byte
-        rows at multiples of 8 heads, pages of a multiple of 64), else Triton (see
+        (``decode_tilelang.supports``: 16-bit caches or 656-byte rows below 64 heads, 16-bit caches
+        at multiples of 64 heads, 656-byte rows at multiples of 8; pages of a multiple of 64),
+        else Triton (see
         ``config.env_decode_backend`` for the override)."""
         choice = _config.env_decode_backend()
         if choice == "triton" or decode_config is not None:
@@ -154,7 +155,7 @@ class BatchMLAPagedAttentionWrapper:
         if choice == "tilelang" and not ok:
             raise ValueError(
                 "OPENMLA_DECODE_BACKEND=tilelang needs tilelang installed, a Hopper GPU, a 16-bit "
-                "cache or 656-byte fp8 rows (the latter in the default schedule, num_heads % 8 == 0), "
+                "cache or 656-byte fp8 rows (at 64+ heads: num_heads % 64 == 0, or % 8 for fp8 rows), "
                 "and page_size % 64 == 0; "
                 f"got num_heads={num_heads}, page_size={page_size}")
         return BACKEND_TILELANG if ok else BACKEND_TRITON

@@ -312,8 +312,6 @@ def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
     rows, slots, n_idx, batch1, batch, work, part_rows, s_qn, s_qp, s_kv, s_kpe, s_o = _shape_vars()
     kv_dtype = "float8_e4m3fn" if ds_mla else dtype
     kpe_width = DS_MLA_TAIL if ds_mla else D_KPE
-    if ds_mla and dtype != "bfloat16":
-        raise ValueError(f"656-byte fp8 rows need bf16 queries, got {dtype}")
 
     @T.prim_func
     def decode(

@@ -203,6 +203,15 @@ def test_fp8_validation(device: torch.device, workspace: torch.Tensor) -> None:
         wrapper.run(case.q_nope, case.q_pe, kv[..., :576], None)
     with pytest.raises(TypeError, match="ckv_cache must have dtype"):
         wrapper.run(case.q_nope, case.q_pe, ckv8, None)
+    padded = torch.zeros(*kv.shape[:2], 664, dtype=torch.uint8, device=device)[..., :656]
+    padded.copy_(kv)  # token stride 664 bytes: not a multiple of 16
+    with pytest.raises(ValueError, match="multiples of 16 bytes"):
+        wrapper.run(case.q_nope, case.q_pe, padded, None)
+    # run()'s one-pass fast path takes the planned call and declines the cases above
+    fast = wrapper._common_call
+    assert fast(wrapper._plan, case.q_nope, case.q_pe, kv, None, None, None)
+    for bad in ((kv, case.kpe_cache), (kv[..., :576], None), (ckv8, None), (padded, None)):
+        assert not fast(wrapper._plan, case.q_nope, case.q_pe, *bad, None, None)
     _plan(wrapper, case, torch.float8_e4m3fn, None)
     with pytest.raises(ValueError, match="kv_scale is required"):
         wrapper.run(case.q_nope, case.q_pe, ckv8, kpe8)

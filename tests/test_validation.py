@@ -272,6 +272,26 @@ def test_run_rejects(which: str, device: torch.device, workspace: torch.Tensor) 
     _expect(exc, name, lambda: wrapper.run(**kw, return_lse=True), watched)
 
 
+@pytest.mark.parametrize("which", RUN_CHANGE_IDS)
+def test_run_fast_path_declines_what_the_checks_reject(which: str, device: torch.device,
+                                                       workspace: torch.Tensor) -> None:
+    """run() skips its checks when one pass of plain comparisons finds every argument as planned
+    (``_common_call``); that pass must decline each argument the checks reject, and take the
+    planned call itself."""
+    _, change, _, _ = next(c for c in _run_changes(device) if c[0] == which)
+    case = _case(device)
+    wrapper = BatchMLAPagedAttentionWrapper(workspace)
+    wrapper.plan(*case.plan_args())
+    kw = dict(zip(("q_nope", "q_pe", "ckv_cache", "kpe_cache"), case.run_args(), strict=True))
+    kw["out"] = torch.empty_like(case.q_nope)
+    kw["lse"] = torch.empty(case.q_nope.shape[:2], device=device)
+    fast = wrapper._common_call
+    assert fast(wrapper._plan, **kw)
+    assert fast(wrapper._plan, **{**kw, "out": None, "lse": None})
+    change(kw)
+    assert not fast(wrapper._plan, **kw)
+
+
 def test_run_rejects_cache_without_indexed_pages(device: torch.device, workspace: torch.Tensor) -> None:
     """kv_indices is checked at run() against the pages the caches actually hold."""
     case = _case(device)

@@ -397,31 +397,34 @@ class BatchMLAPagedAttentionWrapper:
         if p is None:
             raise ValueError("run() called before plan()")
         dev = self._device
-        check_tensor("q_nope", q_nope, dtypes=(p.q_dtype,), ndim=3, device=dev)
-        check_tensor("q_pe", q_pe, dtypes=(p.q_dtype,), ndim=3, device=dev)
-        check_shape("q_nope", q_nope, (p.num_tokens, p.num_heads, D_CKV))
-        check_shape("q_pe", q_pe, (p.num_tokens, p.num_heads, D_KPE))
-        num_pages = self._check_caches(p, ckv_cache, kpe_cache)
-        scale_t = self._kv_scale_tensor(p, kv_scale)
-        # Checked in eager mode only: under torch.compile a guard on the plan's max_page would
-        # recompile whenever a request enters a new page (the plan validated the indices).
-        if not torch.compiler.is_compiling() and p.max_page >= num_pages:
-            raise ValueError(
-                f"kv_indices reads page {p.max_page}, the caches hold {num_pages} pages")
-        for name, t in (("q_nope", q_nope), ("q_pe", q_pe)):
-            check_unit_last_stride(name, t)
+        if kv_scale is None and self._common_call(p, q_nope, q_pe, ckv_cache, kpe_cache, out, lse):
+            scale_t = None  # every check below would pass
+        else:
+            check_tensor("q_nope", q_nope, dtypes=(p.q_dtype,), ndim=3, device=dev)
+            check_tensor("q_pe", q_pe, dtypes=(p.q_dtype,), ndim=3, device=dev)
+            check_shape("q_nope", q_nope, (p.num_tokens, p.num_heads, D_CKV))
+            check_shape("q_pe", q_pe, (p.num_tokens, p.num_heads, D_KPE))
+            num_pages = self._check_caches(p, ckv_cache, kpe_cache)
+            scale_t = self._kv_scale_tensor(p, kv_scale)
+            # Checked in eager mode only: under torch.compile a guard on the plan's max_page would
+            # recompile whenever a request enters a new page (the plan validated the indices).
+            if not torch.compiler.is_compiling() and p.max_page >= num_pages:
+                raise ValueError(
+                    f"kv_indices reads page {p.max_page}, the caches hold {num_pages} pages")
+            for name, t in (("q_nope", q_nope), ("q_pe", q_pe)):
+                check_unit_last_stride(name, t)
+            if out is not None:
+                check_tensor("out", out, dtypes=(p.q_dtype,), device=dev)
+                check_shape("out", out, (p.num_tokens, p.num_heads, D_CKV))
+                check_unit_last_stride("out", out)
+            if lse is not None:
+                check_tensor("lse", lse, dtypes=(torch.float32,), device=dev)
+                check_shape("lse", lse, (p.num_tokens, p.num_heads))
+                check_unit_last_stride("lse", lse)
         if out is None:
             out = torch.empty_like(q_nope, memory_format=torch.contiguous_format)
-        else:
-            check_tensor("out", out, dtypes=(p.q_dtype,), device=dev)
-            check_shape("out", out, (p.num_tokens, p.num_heads, D_CKV))
-            check_unit_last_stride("out", out)
         if lse is None:
             lse = torch.empty((p.num_tokens, p.num_heads), dtype=torch.float32, device=dev)
-        else:
-            check_tensor("lse", lse, dtypes=(torch.float32,), device=dev)
-            check_shape("lse", lse, (p.num_tokens, p.num_heads))
-            check_unit_last_stride("lse", lse)
 
         if torch.compiler.is_compiling():
             paged_decode(q_nope, q_pe, ckv_cache, kpe_cache, scale_t, p.kv_format, p.kv_indices,
@@ -435,6 +438,37 @@ class BatchMLAPagedAttentionWrapper:
                                p.causal, p.sizes[4], p.config, bool(p.sizes[5]), p.sizes[6],
                                p.merge_config)
         return (out, lse) if return_lse else out
+
+    def _common_call(self, p: _Plan, q_nope, q_pe, ckv_cache, kpe_cache, out, lse) -> bool:
+        """Whether the arguments are what the plan expects, in one pass of plain comparisons (a
+        decode step calls ``run()`` once per layer: the host time adds to every call). False
+        sends them through the checks that name what is wrong."""
+        if p.kv_format == KV_FP8_TENSOR or torch.compiler.is_compiling():
+            return False
+        dev, qd = self._device, p.q_dtype
+        rows = (p.num_tokens, p.num_heads)
+        try:
+            ok = (q_nope.dtype is qd and q_pe.dtype is qd and q_nope.device == dev and q_pe.device == dev
+                  and q_nope.shape == (*rows, D_CKV) and q_pe.shape == (*rows, D_KPE)
+                  and q_nope.stride(2) == 1 and q_pe.stride(2) == 1
+                  and ckv_cache.device == dev and ckv_cache.dim() == 3 and ckv_cache.stride(2) == 1
+                  and p.max_page < ckv_cache.shape[0]
+                  and (out is None or (out.dtype is qd and out.device == dev and out.shape == q_nope.shape
+                                       and out.stride(2) == 1))
+                  and (lse is None or (lse.dtype is torch.float32 and lse.device == dev
+                                       and lse.shape == rows and lse.stride(-1) == 1)))
+            if not ok:
+                return False
+            if p.kv_format == KV_FP8_DS_MLA:
+                return (kpe_cache is None and ckv_cache.dtype is torch.uint8
+                        and ckv_cache.shape[1:] == (p.page_size, DS_MLA_BYTES)
+                        and ckv_cache.stride(0) % 16 == 0 and ckv_cache.stride(1) % 16 == 0)
+            kd = p.kv_dtype
+            return (ckv_cache.dtype is kd and kpe_cache.dtype is kd and kpe_cache.device == dev
+                    and ckv_cache.shape[1:] == (p.page_size, D_CKV)
+                    and kpe_cache.shape == (ckv_cache.shape[0], p.page_size, D_KPE) and kpe_cache.stride(2) == 1)
+        except (AttributeError, TypeError):  # not tensors: the checks say which
+            return False
 
     def _check_caches(self, p: _Plan, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor | None) -> int:
         """Check the caches against the plan's format; returns the number of pages."""

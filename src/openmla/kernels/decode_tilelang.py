@@ -1000,18 +1000,24 @@ def launch_decode_tilelang(
     views = [_rows(t) for t in (q_nope, q_pe, ckv_cache, kpe_cache, out)]
     if any(v is None for v in views) or kv_indices.dtype != torch.int32 or lse.stride() != (lse.shape[1], 1):
         return False
-    num_heads = q_nope.shape[1]
-    page_size = ckv_cache.shape[1]
-    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[q_nope.dtype]
-    kernel = build_kernel(num_heads, page_size, dtype, bool(causal), ds_mla=ds_mla, block_m=block_m, **variant)
+    key = (q_nope.shape[1], ckv_cache.shape[1], q_nope.dtype, bool(causal), ds_mla, block_m,
+           variant.get("schedule") or _schedule_name(), *variant.items())
+    fn = _LAUNCH_FNS.get(key)
+    if fn is None:
+        dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[q_nope.dtype]
+        fn = _entry(build_kernel(q_nope.shape[1], ckv_cache.shape[1], dtype, bool(causal), ds_mla=ds_mla,
+                                 block_m=block_m, **variant))
+        _LAUNCH_FNS[key] = fn
     qn, qp, ckv, kpe, out_rows = views
-    _entry(kernel)(qn, qp, ckv, kpe, kv_indices, qo_indptr, kv_indptr, kv_len, work_req, work_kv_begin,
+    fn(qn, qp, ckv, kpe, kv_indices, qo_indptr, kv_indptr, kv_len, work_req, work_kv_begin,
                    work_kv_end, work_part_row, out_rows, lse.view(-1), part_o, part_lse,
                    float(sm_scale * LOG2E), int(row_blocks))
     return True
 
 
 _ENTRIES: dict[int, object] = {}
+# the entry of each launch key, so a call skips build_kernel's checks and cache lookup
+_LAUNCH_FNS: dict[tuple, object] = {}
 
 
 def wrapper_launches() -> int:

@@ -136,8 +136,9 @@ def _launch(part_o, part_lse, out, lse, tok_arrays, num_tokens: int, dense_parts
             config: ReduceConfig) -> None:
     num_heads, d = out.shape[1], out.shape[2]
     block_d = min(config.block_d, d)
-    block_h = min(config.block_h, triton.next_power_of_2(num_heads))
-    grid = num_tokens * triton.cdiv(num_heads, block_h) * (d // block_d)
+    # plain integer arithmetic: triton.cdiv and next_power_of_2 are JIT functions (~2 us a call)
+    block_h = min(config.block_h, 1 << max(num_heads - 1, 0).bit_length())
+    grid = num_tokens * -(-num_heads // block_h) * (d // block_d)
     if grid == 0:
         return
     pdl = use_pdl(out.device)

@@ -340,6 +340,30 @@ def test_env_num_splits(monkeypatch: pytest.MonkeyPatch, device: torch.device,
     assert wrapper.plan_info["pieces"] == 4
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_eager_grid_holds_the_real_pieces_only(deterministic: bool, device: torch.device,
+                                               workspace: torch.Tensor) -> None:
+    """An eager plan's decode grid is its pieces, not the fixed capacity (padding programs would
+    each still be scheduled: ~1000 in a batch-invariant plan); a graph plan keeps the capacity.
+    Batch-invariant plans give the same bits either way."""
+    case = make_paged_case([900, 300, 0, 17], 16, 16, device=device, seed=6)
+    eager = BatchMLAPagedAttentionWrapper(workspace)
+    eager.plan(*case.plan_args(), deterministic=deterministic)
+    info = eager.plan_info
+    assert info["pieces"] < info["work_capacity"]
+    work = eager._plan.arrays
+    assert [t.numel() for t in (work.work_req, work.work_kv_begin, work.work_kv_end, work.work_part_row,
+                                work.work_num_parts, work.work_part_base)] == [info["pieces"]] * 6
+    assert (work.work_req >= 0).all()
+    graph = BatchMLAPagedAttentionWrapper(torch.empty_like(workspace), use_cuda_graph=True)
+    graph.plan(*case.plan_args(), deterministic=deterministic)
+    assert graph._plan.arrays.work_req.numel() == info["work_capacity"]
+    out_e, lse_e = run_checked(eager, case)
+    out_g, lse_g = run_checked(graph, case)
+    if deterministic:  # the default mode's graph plan merges with another config
+        assert torch.equal(out_e, out_g) and torch.equal(lse_e, lse_g)
+
+
 def test_graph_mode_replan_same_batch(device: torch.device, workspace: torch.Tensor) -> None:
     """``use_cuda_graph=True`` (meaningful on any device): device arrays and grids are fixed by
     the first plan; later plans of the same batch size rewrite them in place, with lengths

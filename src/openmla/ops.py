@@ -72,6 +72,12 @@ def slice_meta(meta: torch.Tensor, batch: int, work_capacity: int, token_capacit
     return PlanArrays(*torch.split(meta[: sum(lengths)], lengths))
 
 
+def first_work_items(arrays: PlanArrays, count: int) -> PlanArrays:
+    """The plan's arrays with the work list cut to its first ``count`` items (the decode's grid
+    follows the work list's length; a schedule puts its padding items last)."""
+    return arrays._replace(**{f: getattr(arrays, f)[:count] for f in arrays._fields if f.startswith("work_")})
+
+
 def partial_rows_capacity(workspace_bytes: int, d_ckv: int) -> int:
     """fp32 partial rows the workspace holds; capped so every partial offset fits int32."""
     return min(workspace_bytes // (4 * (d_ckv + 1)), (2**31 - 1) // d_ckv)

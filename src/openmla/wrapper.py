@@ -24,6 +24,7 @@ from openmla.ops import (
     BACKEND_TILELANG,
     BACKEND_TRITON,
     PlanArrays,
+    first_work_items,
     kv_views,
     meta_numel,
     paged_decode,
@@ -334,11 +335,19 @@ class BatchMLAPagedAttentionWrapper:
             batch=batch, num_tokens=num_tokens, num_heads=num_heads, page_size=page_size,
             causal=bool(causal), sm_scale=float(sm_scale), q_dtype=q_data_type,
             kv_dtype=kv_data_type, kv_format=kv_format, max_page=max_page, kv_indices=kv_indices_dev,
-            arrays=slice_meta(self._meta, batch, cap, tok_cap),
+            arrays=self._launch_arrays(slice_meta(self._meta, batch, cap, tok_cap), sched.num_pieces),
             sizes=[batch, cap, tok_cap, self._part_rows_capacity, row_blocks,
                    int(self._use_cuda_graph or sched.merge_kernel_tokens > 0), backend], config=cfg,
             merge_config=merge_config, num_pieces=sched.num_pieces, num_split_requests=sched.split_requests,
         )
+
+    def _launch_arrays(self, arrays: PlanArrays, num_pieces: int) -> PlanArrays:
+        """What eager ``run()`` launches over: the real pieces only, so the grid has no padding
+        programs (each is still scheduled, and takes its prologue on an SM the real ones left
+        free: ~1000 of them in a batch-invariant plan). A graph keeps the fixed grid."""
+        if self._use_cuda_graph:
+            return arrays
+        return first_work_items(arrays, max(num_pieces, 1))
 
     def _device_indices(self, kv_indices: torch.Tensor, qo_indptr: torch.Tensor,
                         kv_indptr: torch.Tensor, kv_len_arr: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,29 @@ def host_us(fn, calls: int = 50) -> float:
     return sorted(times)[len(times) // 2] * 1e6
 
 
+def entry_host_us(call) -> dict:
+    """Host time of the TileLang kernel's entry alone (TVM-FFI's argument conversion, the
+    generated host code's checks and TMA descriptors, the launch), called with the arguments
+    ``call`` last gave it; empty when ``call`` launches no TileLang kernel."""
+    from openmla.kernels import decode_tilelang as dt
+
+    seen = {}
+    saved = dict(dt._LAUNCH_FNS)
+    for key, fn in saved.items():
+        def record(*args, fn=fn):
+            seen["call"] = (fn, args)
+            return fn(*args)
+        dt._LAUNCH_FNS[key] = record
+    try:
+        call()
+    finally:
+        dt._LAUNCH_FNS.update(saved)
+    if "call" not in seen:
+        return {}
+    fn, args = seen["call"]
+    return {"tilelang_entry_host_us": host_us(lambda: fn(*args))}
+
+
 def workload_overheads(names: list[str]) -> dict:
     import triton.testing
     from bench_decode import kernel_times
@@ -68,7 +91,7 @@ def workload_overheads(names: list[str]) -> dict:
             w.run(b.q_nope, b.q_pe, b.ckv_cache, b.kpe_cache, out=out, lse=lse)
 
         call()
-        row = {"host_us": host_us(call),
+        row = {"host_us": host_us(call), **entry_host_us(call),
                "call_us": 1e3 * triton.testing.do_bench(call, return_mode="median"),
                "kernels": kernel_times([call])}
         g = torch.cuda.CUDAGraph()

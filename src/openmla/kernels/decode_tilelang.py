@@ -1009,34 +1009,29 @@ def launch_decode_tilelang(
                                  block_m=block_m, **variant))
         _LAUNCH_FNS[key] = fn
     qn, qp, ckv, kpe, out_rows = views
-    fn(qn, qp, ckv, kpe, kv_indices, qo_indptr, kv_indptr, kv_len, work_req, work_kv_begin,
-                   work_kv_end, work_part_row, out_rows, lse.view(-1), part_o, part_lse,
-                   float(sm_scale * LOG2E), int(row_blocks))
+    fn(qn, qp, ckv, kpe, kv_indices, qo_indptr, kv_indptr, kv_len, work_req, work_kv_begin, work_kv_end,
+       work_part_row, out_rows, lse.view(-1), part_o, part_lse, float(sm_scale * LOG2E), int(row_blocks))
     return True
 
 
-_ENTRIES: dict[int, object] = {}
-# the entry of each launch key, so a call skips build_kernel's checks and cache lookup
+# the entry of each launch key (:func:`_entry`), so a call skips build_kernel's checks and lookup
 _LAUNCH_FNS: dict[tuple, object] = {}
 
 
 def wrapper_launches() -> int:
-    """How many compiled kernels launch through TileLang's Python wrapper (not directly)."""
-    return sum(1 for k, fn in _ENTRIES.items() if id(fn) == k)
+    """How many launch keys go through TileLang's Python wrapper (not directly)."""
+    return sum(1 for fn in _LAUNCH_FNS.values() if hasattr(fn, "adapter"))  # the kernel itself
 
 
 def _entry(kernel):
     """The compiled kernel's TVM-FFI function, called directly: TileLang's Python wrapper around
     it (argument count, output allocation) adds host time to every launch, and a small batch's
-    call waits on the host. Falls back to the wrapper on another TileLang's internals."""
-    fn = _ENTRIES.get(id(kernel))  # kernels live in _build_kernel's cache: ids stay unique
-    if fn is None:
-        try:
-            exe = kernel.adapter._get_executable()
-            # a fresh compile holds an Executable to JIT; one loaded from TileLang's disk cache
-            # (any process after the first) holds the loaded module itself
-            fn = (exe.jit() if hasattr(exe, "jit") else exe).main
-        except Exception:  # noqa: BLE001
-            fn = kernel
-        _ENTRIES[id(kernel)] = fn
-    return fn
+    call waits on the host. Falls back to the wrapper (the kernel) on another TileLang's
+    internals."""
+    try:
+        exe = kernel.adapter._get_executable()
+        # a fresh compile holds an Executable to JIT; one loaded from TileLang's disk cache
+        # (any process after the first) holds the loaded module itself
+        return (exe.jit() if hasattr(exe, "jit") else exe).main
+    except Exception:  # noqa: BLE001
+        return kernel

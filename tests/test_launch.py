@@ -73,3 +73,36 @@ def test_every_format_records_a_direct_launch(monkeypatch: pytest.MonkeyPatch) -
             wrapper.run(case.q_nope, case.q_pe, *caches, **kw)
     torch.cuda.synchronize()
     assert fast._CACHE and fast.slow_paths() == 0
+
+
+def test_planned_merge_direct_launch_passes_the_generic_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode's merge bound to its plan: after a first launch through the generic path it
+    launches the recorded kernel with exactly the arguments the generic path builds, and goes
+    back to the generic path when ``out``/``lse`` differ in dtype, alignment or stride."""
+    from openmla.config import ReduceConfig
+    from openmla.kernels import merge
+
+    calls = []
+    recorded_hit = ("kernel", ("tail",))
+    monkeypatch.setattr(merge, "launch", lambda fn, grid, args, kwargs: calls.append(("generic", grid, args, kwargs)))
+    monkeypatch.setattr(merge, "recorded", lambda fn, args, kwargs: recorded_hit)
+    monkeypatch.setattr(merge, "run_recorded", lambda hit, grid, dev, args: calls.append(("direct", grid, args, hit)))
+    monkeypatch.setattr(merge, "hooks_set", lambda: False)
+    tokens, heads, d = 3, 5, 64
+    part_o, part_lse = torch.zeros(40, d), torch.zeros(40)
+    tok = tuple(torch.zeros(tokens, dtype=torch.int32) for _ in range(3))
+    config = ReduceConfig(1, 32, 4, 1, 1, ordered=True)
+    planned = merge.PlannedMerge(part_o, part_lse, tok, tokens, config)
+    out, lse = torch.zeros(tokens, heads, d, dtype=torch.bfloat16), torch.zeros(tokens, heads)
+    planned(out, lse)
+    planned(out, lse)
+    out2 = torch.zeros(tokens, heads, d, dtype=torch.bfloat16)  # another tensor, same layout
+    planned(out2, lse)
+    wide = torch.zeros(tokens, heads, d + 16, dtype=torch.bfloat16)[..., :d]  # another row stride
+    planned(wide, lse)
+    assert [c[0] for c in calls] == ["generic", "direct", "direct", "generic"]
+    generic = merge._launch_args(part_o, part_lse, out2, lse, tok, tokens, 0, config, False)
+    assert calls[2][1] == (generic[0],) and calls[2][3] is recorded_hit
+    assert len(calls[2][2]) == len(generic[1])
+    assert all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(calls[2][2], generic[1]))
+    assert calls[3][2][2] is wide and calls[3][2][11] == d + 16  # the head stride

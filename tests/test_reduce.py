@@ -4,6 +4,7 @@ micro-benchmark's shapes."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -22,7 +23,6 @@ from openmla.tuning import (
     gpu_slug,
     heuristic_reduce_config,
     interpreter_reduce_config,
-    invariant_spread,
     load_reduce_table,
     lookup,
     reduce_config,
@@ -397,21 +397,36 @@ def test_gpu_timer_and_cuda_state() -> None:
     assert cuda_state() == "ok"
 
 
-def test_invariant_spread_retiles_bitwise(device: torch.device) -> None:
-    """Batch-invariant mode cuts a 2-pieces-a-step merge config finer when few tokens merge
-    (one long request's merge fills the SMs), and the result is bitwise the same as the fixed
-    config's: a step's sum is one addition whatever the tiling. Other configs are left alone."""
-    fixed = ReduceConfig(block_h=1, block_d=256, block_s=2, num_warps=1, num_stages=1)
-    spread = invariant_spread(fixed, 1, 16, D, 132)
-    assert (spread.block_h, spread.block_d, spread.block_s) == (1, 32, 2)
-    assert invariant_spread(fixed, 64, 16, D, 132) == fixed  # 64 tokens fill the SMs already
-    wide = ReduceConfig(block_h=4, block_d=64, block_s=8, num_warps=2, num_stages=1)
-    assert invariant_spread(wide, 1, 16, D, 132) == wide  # 8 pieces a step: the tiling could matter
+def test_ordered_merge_bits_do_not_depend_on_the_config(device: torch.device) -> None:
+    """Batch-invariant plans merge with ``ordered=True`` and whatever config their batch looks
+    up: the pieces are added one by one in piece order after one max over all of them, so every
+    config gives the same bits. The default form's lse bits do depend on the step (so this test
+    could see a difference)."""
+    d = 64  # few programs: the interpreter pays per program
+    configs = [ReduceConfig(1, 64, 2, 1, 1), ReduceConfig(16, 16, 1, 1, 1), ReduceConfig(4, 32, 8, 2, 1),
+               ReduceConfig(2, 64, 32, 4, 2), ReduceConfig(16, 64, 4, 8, 3)]
     gen = torch.Generator().manual_seed(3)
-    parts = torch.randn(33, 1, 16, D, generator=gen).to(device)
-    part_lse = (4 * torch.randn(33, 1, 16, generator=gen)).to(device)
-    part_lse[5] = float("-inf")  # an empty piece
-    a = merge_states(parts, part_lse, config=fixed)
-    b = merge_states(parts, part_lse, config=spread)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    _check(a[0], a[1], parts, part_lse)
+    parts = torch.randn(33, 2, 13, d, generator=gen).to(device)
+    part_lse = (4 * torch.randn(33, 2, 13, generator=gen)).to(device)
+    part_lse[5] = float("-inf")  # an empty piece: its o (NaN) must never be read
+    parts[5] = float("nan")
+    part_lse[:, 1, 3] = float("-inf")  # a row with no finite piece
+    results = [merge_states(parts, part_lse, config=dataclasses.replace(c, ordered=True)) for c in configs]
+    for c, (out, lse) in zip(configs[1:], results[1:]):
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1]), c
+    _check(results[0][0], results[0][1], parts, part_lse)
+    tree = [merge_states(parts, part_lse, config=c)[1] for c in configs[:3]]  # fp32 lse: every bit
+    assert not (torch.equal(tree[0], tree[1]) and torch.equal(tree[0], tree[2]))
+
+
+def test_ordered_reduce_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch-invariant plans' merge configs are the ordered form, valid for D, on the interpreter
+    and on a GPU (the GPU's choice made without one: it asks nothing of the device)."""
+    from openmla import tuning
+
+    assert tuning.ordered_reduce_config(64, 16, D, 2, torch.device("cpu")).ordered
+    monkeypatch.setattr(tuning, "is_interpreting", lambda: False)
+    for splits in (1, 2, 3, 4, 5, 17, 128):
+        for d in (64, D):
+            cfg = tuning.ordered_reduce_config(1, 16, d, splits, torch.device("cuda"))
+            assert cfg.ordered and d % cfg.block_d == 0 and cfg.block_s >= min(splits, 32)

@@ -16,9 +16,13 @@ import os
 
 import torch
 
+# Read once, when the kernel modules import this one: the moment Triton's ``@triton.jit`` reads
+# it for our kernels too (and a launch then skips an environment lookup).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 def is_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 def dot_in_fp32(device: torch.device) -> bool:

@@ -150,6 +150,8 @@ class ReduceConfig:
     block_s: int  # pieces per step
     num_warps: int
     num_stages: int  # > 1: software-pipelined steps (the next pieces load while one is summed)
+    # pieces added one by one in piece order: bits independent of the config (batch invariance)
+    ordered: bool = False
 
     def __post_init__(self) -> None:
         for name, low in (("block_h", 1), ("block_d", 16), ("block_s", 1)):

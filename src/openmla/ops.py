@@ -16,7 +16,7 @@ import torch
 from openmla.config import DecodeConfig, ReduceConfig
 from openmla.kernels.decode import KV_FP8_DS_MLA, KV_FP8_TENSOR, launch_decode
 from openmla.kernels.decode_tilelang import KV_AS_M, launch_decode_tilelang
-from openmla.kernels.merge import launch_merge
+from openmla.kernels.merge import PlannedMerge, launch_merge
 
 BACKEND_TRITON = 0
 BACKEND_TILELANG = 1
@@ -110,12 +110,15 @@ def run_planned_decode(
     merge_kernel: bool,
     backend: int = BACKEND_TRITON,
     merge_config: ReduceConfig | None = None,
+    planned_merge: PlannedMerge | None = None,
 ) -> None:
     """Launch the split-KV decode (which merges requests of few pieces itself), then, when the
     plan has requests of many pieces, the merge kernel. ``BACKEND_TILELANG`` plans merge every
     split request in the merge kernel, so the Triton kernel can stand in for the TileLang one
     (queries or output whose rows cannot be addressed as one flat array). ``merge_config``: the
-    merge kernel's launch config (None: the fixed batch-independent one)."""
+    merge kernel's launch config (None: the fixed batch-independent one); ``planned_merge``: the
+    same launch bound to the plan (``part_o``, ``part_lse``, the reduce map and ``merge_config``),
+    which launches it with less host time."""
     launched = backend == BACKEND_TILELANG and launch_decode_tilelang(
         q_nope, q_pe, ckv_cache, kpe_cache, out, lse, part_o, part_lse, arrays.qo_indptr,
         arrays.kv_indptr, kv_indices, arrays.kv_len, arrays.work_req, arrays.work_kv_begin,
@@ -126,6 +129,9 @@ def run_planned_decode(
         _launch_triton_decode(q_nope, q_pe, ckv_cache, kpe_cache, scales, kv_format, kv_indices, arrays,
                               part_o, part_lse, out, lse, counters, sm_scale, causal, row_blocks, config)
     if not merge_kernel:
+        return
+    if planned_merge is not None:
+        planned_merge(out, lse)
         return
     launch_merge(
         part_o=part_o,

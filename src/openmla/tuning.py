@@ -151,25 +151,18 @@ def decode_reduce_config(heads: int, d: int, device: torch.device, tilelang: boo
     return reduce_config(DECODE_REDUCE_TOKENS, heads, d, DECODE_REDUCE_SPLITS, device)
 
 
-def invariant_spread(config: ReduceConfig, tokens: int, heads: int, d: int, sm_count: int) -> ReduceConfig:
-    """Batch-invariant mode's merge of ``tokens`` query tokens: ``config`` (fixed by the head
-    count) with its heads x columns cut finer until its programs fill the SMs. Only the tiling
-    changes, and with at most 2 pieces a step a step's sum is one addition, so the result does
-    not depend on it (W7's one request of 98 pieces merged on 32 programs: 83.2 us against
-    71.3 in the default mode, H200). Other configs come back unchanged."""
-    if config.block_s > 2:
-        return config
-    block_h, block_d = config.block_h, min(config.block_d, d)
-
-    def programs(bh: int, bd: int) -> int:
-        return max(tokens, 1) * -(-heads // bh) * (d // bd)
-
-    while programs(block_h, block_d) < sm_count and (block_h > 1 or block_d > 32):
-        if block_h > 1:
-            block_h //= 2
-        else:
-            block_d //= 2
-    return replace(config, block_h=block_h, block_d=block_d)
+def ordered_reduce_config(tokens: int, heads: int, d: int, splits: int, device: torch.device) -> ReduceConfig:
+    """Batch-invariant plans' merge: the ``ordered`` form, whose bits no config changes, so it
+    may follow the batch. Its pieces are unrolled and added one by one, so it wants narrower
+    programs than the table's tree configs (H200, merge alone: 128 pieces of 1 token x 16 heads
+    in 11.1 us at 32 columns x 32 pieces, 58 us at the tree's 2 heads x 64 columns; 2 pieces of
+    64-128 tokens in 6.6-7.8 us at 512 columns, 2 warps)."""
+    if device.type != "cuda" or is_interpreting():
+        return replace(interpreter_reduce_config(heads, d, splits), ordered=True)
+    block_s = min(1 << max(splits - 1, 0).bit_length(), 32)
+    if block_s <= 4:
+        return ReduceConfig(1, min(512, d), block_s, 2 if d >= 512 else 1, 1, ordered=True)
+    return ReduceConfig(1, min(32, d), block_s, 1, 1, ordered=True)
 
 
 def adaptive_num_splits(tokens: int, heads: int, sm_count: int, max_splits: int = 32) -> int:

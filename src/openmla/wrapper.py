@@ -20,6 +20,7 @@ from openmla import config as _config
 from openmla.fp8 import DS_MLA_BYTES
 from openmla.kernels import decode_tilelang
 from openmla.kernels.decode import KV_FP8_DS_MLA, KV_FP8_TENSOR, KV_PLAIN
+from openmla.kernels.merge import PlannedMerge
 from openmla.ops import (
     BACKEND_TILELANG,
     BACKEND_TRITON,
@@ -41,7 +42,7 @@ from openmla.schedule import (
     deterministic_pieces,
     work_capacity,
 )
-from openmla.tuning import decode_reduce_config, invariant_spread, reduce_config
+from openmla.tuning import decode_reduce_config, ordered_reduce_config, reduce_config
 from openmla.validation import (
     ATTN_DTYPES,
     INDEX_DTYPES,
@@ -77,6 +78,7 @@ class _Plan:
     merge_config: _config.ReduceConfig  # the merge kernel's launch config
     num_pieces: int
     num_split_requests: int
+    planned_merge: PlannedMerge | None  # the merge launch bound to this plan (eager run())
 
 
 # the cache formats the TileLang kernels read, by their name there (decode_tilelang.CACHE_LAYOUTS)
@@ -323,22 +325,28 @@ class BatchMLAPagedAttentionWrapper:
         if self._counters is None or self._counters.numel() < batch * row_blocks:
             # arrival counters of the in-kernel merge; every launch leaves them at zero again
             self._counters = torch.zeros(max(1, batch * row_blocks), dtype=torch.int32, device=self._device)
-        if deterministic or self._use_cuda_graph:
-            # fixed by heads alone: bitwise batch invariance, and a graph's baked-in launch
+        merge_point = (max(sched.merge_kernel_tokens, 1), num_heads, D_CKV, max(sched.merge_kernel_pieces, 2))
+        if self._use_cuda_graph:  # baked into the captured graph: fixed by the head count
             merge_config = decode_reduce_config(num_heads, D_CKV, self._device, backend == BACKEND_TILELANG)
-            if not self._use_cuda_graph:
-                merge_config = invariant_spread(merge_config, sched.merge_kernel_tokens, num_heads, D_CKV, num_sms)
+            if deterministic:
+                merge_config = dataclasses.replace(merge_config, ordered=True)
+        elif deterministic:  # pieces added in order: the same bits whatever config this batch gets
+            merge_config = ordered_reduce_config(*merge_point, self._device)
         else:
-            merge_config = reduce_config(max(sched.merge_kernel_tokens, 1), num_heads, D_CKV,
-                                         max(sched.merge_kernel_pieces, 2), self._device)
+            merge_config = reduce_config(*merge_point, self._device)
+        arrays = self._launch_arrays(slice_meta(self._meta, batch, cap, tok_cap), sched.num_pieces)
+        merge_kernel = int(self._use_cuda_graph or sched.merge_kernel_tokens > 0)
+        planned_merge = None
+        if merge_kernel:
+            planned_merge = PlannedMerge(self._part_o, self._part_lse, (arrays.tok_part_row, arrays.tok_num_parts,
+                                         arrays.tok_part_stride), arrays.tok_num_parts.numel(), merge_config)
         self._plan = _Plan(
             batch=batch, num_tokens=num_tokens, num_heads=num_heads, page_size=page_size,
             causal=bool(causal), sm_scale=float(sm_scale), q_dtype=q_data_type,
             kv_dtype=kv_data_type, kv_format=kv_format, max_page=max_page, kv_indices=kv_indices_dev,
-            arrays=self._launch_arrays(slice_meta(self._meta, batch, cap, tok_cap), sched.num_pieces),
-            sizes=[batch, cap, tok_cap, self._part_rows_capacity, row_blocks,
-                   int(self._use_cuda_graph or sched.merge_kernel_tokens > 0), backend], config=cfg,
-            merge_config=merge_config, num_pieces=sched.num_pieces, num_split_requests=sched.split_requests,
+            arrays=arrays, sizes=[batch, cap, tok_cap, self._part_rows_capacity, row_blocks, merge_kernel, backend],
+            config=cfg, merge_config=merge_config, num_pieces=sched.num_pieces,
+            num_split_requests=sched.split_requests, planned_merge=planned_merge,
         )
 
     def _launch_arrays(self, arrays: PlanArrays, num_pieces: int) -> PlanArrays:
@@ -445,7 +453,7 @@ class BatchMLAPagedAttentionWrapper:
             run_planned_decode(q_nope, q_pe, ckv, kpe, scales, p.kv_format, p.kv_indices, p.arrays,
                                self._part_o, self._part_lse, out, lse, self._counters, p.sm_scale,
                                p.causal, p.sizes[4], p.config, bool(p.sizes[5]), p.sizes[6],
-                               p.merge_config)
+                               p.merge_config, p.planned_merge)
         return (out, lse) if return_lse else out
 
     def _common_call(self, p: _Plan, q_nope, q_pe, ckv_cache, kpe_cache, out, lse) -> bool:

@@ -13,6 +13,12 @@ step, with a running max (online softmax)::
 
 Pieces with no tokens carry ``lse = -inf`` and weigh nothing (whatever their ``o`` holds); a row
 with no finite piece gives ``out = 0``, ``lse = -inf``. LSE is natural-log on both sides.
+
+``ORDERED`` (batch-invariant plans) takes the max over all pieces first, then adds the pieces one
+at a time in piece order, weighted against that max: every output element is then the same
+sequence of operations whatever the tiling, the step or the warps, so its bits depend on the
+pieces alone and any config may be launched. The default form sums a step's pieces as a tree whose shape follows
+the tile layout, and rescales at every step.
 """
 
 from __future__ import annotations
@@ -26,9 +32,63 @@ import triton.language as tl
 
 from openmla._interp import is_interpreting
 from openmla.config import ReduceConfig
-from openmla.kernels.launch import launch
+from openmla.kernels.launch import hooks_set, launch, recorded, run_recorded
 
 LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _merge_steps(part_o, part_lse, row0, stride, n_parts, o_h, m_h, o_d, o_s, b_m, b_l, b_acc,
+                 D: tl.constexpr, BLOCK_S: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """The default merge: ``BLOCK_S`` pieces a step, summed as a tree, with a running max."""
+    # Triton pipelines a loop without dots only when asked (tl.range): NUM_STAGES > 1 prefetches
+    # the next pieces through cp.async while this step is summed.
+    for s0 in tl.range(0, n_parts, BLOCK_S, num_stages=NUM_STAGES):
+        m_sh = (s0 + o_s < n_parts)[:, None] & m_h[None, :]  # [BLOCK_S, BLOCK_H]
+        # int32 rows and offsets: callers keep the partials under 2**31 floats
+        i_prow = row0 + (s0 + o_s)[:, None] * stride + o_h[None, :]  # [BLOCK_S, BLOCK_H]
+        b_lse_s = tl.load(part_lse + i_prow, mask=m_sh, other=float("-inf"))
+        b_o = tl.load(part_o + i_prow[:, :, None] * D + o_d[None, None, :], mask=m_sh[:, :, None],
+                      other=0.0, eviction_policy="evict_first")  # [BLOCK_S, BLOCK_H, BLOCK_D]
+        b_m_new = tl.maximum(b_m, tl.max(b_lse_s, 0))  # [BLOCK_H]
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_alpha = tl.math.exp2((b_m - b_m_safe) * LOG2E)
+        b_w = tl.math.exp2((b_lse_s - b_m_safe[None, :]) * LOG2E)  # [BLOCK_S, BLOCK_H]
+        # an empty piece's o is never read into the sum (0 * NaN would be NaN)
+        b_wo = tl.where(b_w[:, :, None] > 0.0, b_w[:, :, None] * b_o, 0.0)
+        b_l = b_l * b_alpha + tl.sum(b_w, 0)
+        b_acc = b_acc * b_alpha[:, None] + tl.sum(b_wo, 0)  # [BLOCK_H, BLOCK_D]
+        b_m = b_m_new
+    return b_m, b_l, b_acc
+
+
+@triton.jit
+def _merge_in_order(part_o, part_lse, row0, stride, n_parts, num_heads, o_h, m_h, o_d, b_m, b_l, b_acc,
+                    D: tl.constexpr, BLOCK_S: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """The ``ORDERED`` merge: the max over all pieces first (exact in any order, 32 pieces a
+    step), then the pieces weighted against it and added one by one in piece order; ``BLOCK_S``
+    pieces are unrolled a step (their loads issue together) and ``NUM_STAGES`` steps load ahead."""
+    o_m = tl.arange(0, 32)
+    for s0 in tl.range(0, n_parts, 32):
+        m_sh = (s0 + o_m < n_parts)[:, None] & m_h[None, :]
+        b_lse_s = tl.load(part_lse + row0 + (s0 + o_m)[:, None] * stride + o_h[None, :], mask=m_sh,
+                          other=float("-inf"))  # [32, BLOCK_H]
+        b_m = tl.maximum(b_m, tl.max(b_lse_s, 0))
+    b_m_safe = tl.where(b_m == float("-inf"), 0.0, b_m)
+    # Loads unmasked, at clamped piece and head indices: with a mask per unrolled piece, ptxas
+    # issued the loads a few at a time between the sums (seen in SASS); unmasked they issue together.
+    o_hc = tl.minimum(o_h, num_heads - 1)
+    for s0 in tl.range(0, n_parts, BLOCK_S, num_stages=NUM_STAGES):
+        for j in tl.static_range(BLOCK_S):
+            i_row = row0 + tl.minimum(s0 + j, n_parts - 1) * stride + o_hc  # [BLOCK_H]
+            b_lse = tl.load(part_lse + i_row)
+            b_o = tl.load(part_o + i_row[:, None] * D + o_d[None, :], eviction_policy="evict_first")
+            # a piece past the end weighs 0 (and x + 0 is x: the sum never holds -0)
+            b_lse = tl.where(o_h * 0 + (s0 + j) < n_parts, b_lse, float("-inf"))
+            b_w = tl.math.exp2((b_lse - b_m_safe) * LOG2E)  # [BLOCK_H]
+            b_l = b_l + b_w
+            b_acc = b_acc + tl.where(b_w[:, None] > 0.0, b_w[:, None] * b_o, 0.0)  # empty pieces' o unread
+    return b_m, b_l, b_acc
 
 
 # The token count, head count and piece count are not specialised on (divisibility by 16, == 1):
@@ -54,6 +114,7 @@ def _merge_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    ORDERED: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # launched early (programmatic dependent launch): the previous kernel's writes
@@ -88,24 +149,12 @@ def _merge_kernel(
     b_m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_H], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    # Triton pipelines a loop without dots only when asked (tl.range): NUM_STAGES > 1 prefetches
-    # the next pieces through cp.async while this step is summed.
-    for s0 in tl.range(0, n_parts, BLOCK_S, num_stages=NUM_STAGES):
-        m_sh = (s0 + o_s < n_parts)[:, None] & m_h[None, :]  # [BLOCK_S, BLOCK_H]
-        # int32 rows and offsets: callers keep the partials under 2**31 floats
-        i_prow = row0 + (s0 + o_s)[:, None] * stride + o_h[None, :]  # [BLOCK_S, BLOCK_H]
-        b_lse_s = tl.load(part_lse + i_prow, mask=m_sh, other=float("-inf"))
-        b_o = tl.load(part_o + i_prow[:, :, None] * D + o_d[None, None, :], mask=m_sh[:, :, None],
-                      other=0.0, eviction_policy="evict_first")  # [BLOCK_S, BLOCK_H, BLOCK_D]
-        b_m_new = tl.maximum(b_m, tl.max(b_lse_s, 0))  # [BLOCK_H]
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_alpha = tl.math.exp2((b_m - b_m_safe) * LOG2E)
-        b_w = tl.math.exp2((b_lse_s - b_m_safe[None, :]) * LOG2E)  # [BLOCK_S, BLOCK_H]
-        # an empty piece's o is never read into the sum (0 * NaN would be NaN)
-        b_wo = tl.where(b_w[:, :, None] > 0.0, b_w[:, :, None] * b_o, 0.0)
-        b_l = b_l * b_alpha + tl.sum(b_w, 0)
-        b_acc = b_acc * b_alpha[:, None] + tl.sum(b_wo, 0)  # [BLOCK_H, BLOCK_D]
-        b_m = b_m_new
+    if ORDERED:
+        b_m, b_l, b_acc = _merge_in_order(part_o, part_lse, row0, stride, n_parts, num_heads, o_h, m_h, o_d, b_m, b_l,
+                                          b_acc, D, BLOCK_S, NUM_STAGES)
+    else:
+        b_m, b_l, b_acc = _merge_steps(part_o, part_lse, row0, stride, n_parts, o_h, m_h, o_d, o_s, b_m, b_l,
+                                       b_acc, D, BLOCK_S, NUM_STAGES)
 
     m_seen = b_l > 0.0
     b_inv = 1.0 / tl.where(m_seen, b_l, 1.0)
@@ -132,26 +181,62 @@ def use_pdl(device: torch.device) -> bool:
     return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _launch(part_o, part_lse, out, lse, tok_arrays, num_tokens: int, dense_parts: int,
-            config: ReduceConfig) -> None:
+def _launch_args(part_o, part_lse, out, lse, tok_arrays, num_tokens: int, dense_parts: int,
+                 config: ReduceConfig, pdl: bool) -> tuple[int, tuple, dict]:
+    """The merge kernel's grid size (0: nothing to launch), arguments and constexprs."""
     num_heads, d = out.shape[1], out.shape[2]
     block_d = min(config.block_d, d)
     # plain integer arithmetic: triton.cdiv and next_power_of_2 are JIT functions (~2 us a call)
     block_h = min(config.block_h, 1 << max(num_heads - 1, 0).bit_length())
     grid = num_tokens * -(-num_heads // block_h) * (d // block_d)
-    if grid == 0:
-        return
-    pdl = use_pdl(out.device)
     s_out = out.stride()
-    launch(
-        _merge_kernel,
-        (grid,),
-        (part_o, part_lse, out, lse, *tok_arrays, num_tokens, num_heads, dense_parts, s_out[0], s_out[1],
-         lse.stride(0)),
-        dict(D=d, DENSE=dense_parts > 0, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_S=config.block_s,
-             NUM_STAGES=config.num_stages, USE_PDL=pdl, num_warps=config.num_warps,
-             num_stages=config.num_stages, **({"launch_pdl": True} if pdl else {})),
-    )
+    args = (part_o, part_lse, out, lse, *tok_arrays, num_tokens, num_heads, dense_parts, s_out[0], s_out[1],
+            lse.stride(0))
+    kwargs = dict(D=d, DENSE=dense_parts > 0, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_S=config.block_s,
+                  NUM_STAGES=config.num_stages, ORDERED=bool(config.ordered), USE_PDL=pdl,
+                  num_warps=config.num_warps, num_stages=config.num_stages,
+                  **({"launch_pdl": True} if pdl else {}))
+    return grid, args, kwargs
+
+
+def _launch(part_o, part_lse, out, lse, tok_arrays, num_tokens: int, dense_parts: int,
+            config: ReduceConfig) -> None:
+    grid, args, kwargs = _launch_args(part_o, part_lse, out, lse, tok_arrays, num_tokens, dense_parts, config,
+                                      use_pdl(out.device))
+    if grid:
+        launch(_merge_kernel, (grid,), args, kwargs)
+
+
+class PlannedMerge:
+    """The decode's merge for one plan: partials, reduce map and config fixed, ``out`` and ``lse``
+    given per call. Once launched, a call whose ``out``/``lse`` have the last call's dtype,
+    16-byte alignment and strides launches the compiled kernel directly: the generic launch's key
+    over every argument costs ~8 us of host time a call, and a decode step calls ``run()`` once
+    per layer. PDL is decided here, once (``OPENMLA_REDUCE_PDL`` is read at plan time)."""
+
+    def __init__(self, part_o: torch.Tensor, part_lse: torch.Tensor, tok_arrays: tuple, num_tokens: int,
+                 config: ReduceConfig) -> None:
+        self._fixed = (part_o, part_lse, tok_arrays, num_tokens, config, use_pdl(part_o.device))
+        self._device = part_o.get_device()
+        self._direct = None  # (out/lse signature, recorded kernel, grid)
+
+    def __call__(self, out: torch.Tensor, lse: torch.Tensor) -> None:
+        s_out = out.stride()
+        sig = (out.dtype, out.shape, out.data_ptr() & 15, lse.data_ptr() & 15, s_out, lse.stride(0))
+        direct = self._direct
+        if direct is not None and direct[0] == sig and not hooks_set():
+            part_o, part_lse, tok_arrays, num_tokens, _, _ = self._fixed
+            run_recorded(direct[1], direct[2], self._device,
+                         (part_o, part_lse, out, lse, *tok_arrays, num_tokens, out.shape[1], 0, s_out[0],
+                          s_out[1], sig[5]))
+            return
+        part_o, part_lse, tok_arrays, num_tokens, config, pdl = self._fixed
+        grid, args, kwargs = _launch_args(part_o, part_lse, out, lse, tok_arrays, num_tokens, 0, config, pdl)
+        if not grid:
+            return
+        launch(_merge_kernel, (grid,), args, kwargs)
+        hit = recorded(_merge_kernel, args, kwargs)
+        self._direct = None if hit is None else (sig, hit, (grid,))
 
 
 def launch_merge(

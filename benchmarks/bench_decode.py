@@ -6,7 +6,10 @@ same run, with provenance.
 Each workload: one cache holding ``--rotations`` disjoint shuffled page tables (the timed loop
 steps through them, so KV is never served from L2), median of ``triton.testing.do_bench``, the
 whole decode call (split kernel + merge) with the schedule already planned. Every timed
-implementation's output is checked against the float64 oracle first.
+implementation's output is checked against the float64 oracle first. openmla (default and
+batch-invariant) and fa3 are also timed as CUDA-graph replays of the same calls (``graph_us``:
+the GPU's time without the host's, which varies several-fold between processes on a shared
+machine); ``openmla-again`` times the first row once more, last.
 """
 
 from __future__ import annotations
@@ -72,6 +75,29 @@ def time_rotating(fns: list, warmup_ms: int = 50, rep_ms: int = 300) -> float:
     state = itertools.cycle(fns)
     return 1e3 * triton.testing.do_bench(lambda: next(state)(), warmup=warmup_ms, rep=rep_ms,
                                          return_mode="median")
+
+
+def captured(fns: list) -> list | None:
+    """Each call captured in a CUDA graph, as replays: the same GPU work without the host's time
+    (a serving engine's decode step replays graphs; in eager calls a slow host shows in the
+    time). None when a call cannot be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:  # warm-up off the default stream, as capture wants
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    try:
+        for fn in fns:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            graphs.append(g)
+    except Exception as exc:  # noqa: BLE001 - a peer that cannot be captured is a data point
+        print(f"  capture failed: {type(exc).__name__}: {str(exc)[:160]}")
+        return None
+    return [g.replay for g in graphs]
 
 
 def device_ceilings() -> dict[str, float]:
@@ -201,8 +227,10 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
         return refs[dequantised]
 
     rows = []
+    timed = {}  # label -> impl, for the graph-replay times at the end
 
     def record(impl, label: str, extra: dict | None = None) -> None:
+        timed.setdefault(label, impl)
         status = check(impl, *refs_for(fp8 and label.startswith("openmla")))
         us = time_rotating(impl.fns())
         gbps = w.bytes() / us / 1e3
@@ -266,6 +294,13 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
     # the first row again, last: the first timed row of a process has been seen slower than the
     # same kernels timed later (W1 107.9 us, then 95.4 us, H200)
     record(ours, "openmla-again")
+    if not args.no_graph:  # last: a failed capture leaves nothing else of this workload to spoil
+        for label in ("openmla", "openmla-deterministic", "flashinfer-fa3"):
+            replays = captured(timed[label].fns()) if label in timed else None
+            if replays:
+                us = time_rotating(replays)
+                next(r for r in rows if r["impl"] == label)["graph_us"] = round(us, 1)
+                print(f"  {name} {label + ' (CUDA graph replay)':<40} {us:9.1f} us", flush=True)
     del ours
     torch.cuda.empty_cache()
     return rows
@@ -290,8 +325,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         by.setdefault(r["workload"], {})[r["impl"]] = r
     print("\n| workload | openmla us | GB/s | TFLOP/s | merge kernel us | deterministic us | fa3 us | fa3 GB/s "
-          "| fa3/openmla | fa2 us | check |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| fa3/openmla | graph us: openmla, fa3 | fa2 us | check |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, impls in by.items():
         o = impls["openmla"]
         fa3 = impls.get("flashinfer-fa3")
@@ -300,7 +335,8 @@ def print_table(rows: list[dict]) -> None:
         det = impls.get("openmla-deterministic", {}).get("us", "-")
         print(f"| {name} ({o.get('backend', 'triton')}) | {o['us']} | {o['GBps']} | {o['TFLOPs']} | {o.get('kernels', {}).get('_merge_kernel', 0)} | {det} | "
               f"{fa3['us'] if fa3 else '-'} | "
-              f"{fa3['GBps'] if fa3 else '-'} | {ratio} | {fa2['us'] if fa2 else '-'} | {o['check'][:4]} |")
+              f"{fa3['GBps'] if fa3 else '-'} | {ratio} | {o.get('graph_us', '-')}, "
+              f"{fa3.get('graph_us', '-') if fa3 else '-'} | {fa2['us'] if fa2 else '-'} | {o['check'][:4]} |")
 
 
 def main() -> int:
@@ -309,6 +345,7 @@ def main() -> int:
     p.add_argument("--rotations", type=int, default=3)
     p.add_argument("--sweep", action="store_true", help="also time alternative launch configs and splits")
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay times")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--results", default=None, help="CSV file to append rows to")
     args = p.parse_args()

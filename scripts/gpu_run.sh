@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one call: GPU tests, then the benchmarks (KV write path; decode beside
 # FlashInfer).
-# Usage on the GPU machine, from the repo root:  bash scripts/gpu_run.sh [--sweep]
+# Usage on the GPU machine, from the repo root:  bash scripts/gpu_run.sh [--sweep] [--tests-only | --bench-only]
+# (a device call lasts at most 10 minutes: run the tests and the benchmarks as two calls)
 # Writes logs and JSON under $OUT (default ./gpu_out); prints the benchmark table last.
 # FlashInfer (wheels) and TileLang (an archive) travel in .whl/ (scripts/gpu_env.sh, DESIGN.md
 # "Benchmarks"); without them the peer columns stay empty and the Triton kernel serves 64+ heads.
@@ -18,6 +19,11 @@ if [[ " $* " != *" --bench-only "* ]]; then
   python3 scripts/precompile_tilelang.py 2>&1 | grep -v TileLang | tail -n 2
   python3 -m pytest -m gpu -q -p no:cacheprovider tests --junitxml="$OUT/gpu_tests.xml" 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -n 25 || status=1
+fi
+if [[ " $* " == *" --tests-only "* ]]; then
+  echo "GPU tests: $(grep -E '(passed|failed|error)' "$OUT/gpu_tests.log" | tail -n 1)"
+  grep -E '^(FAILED|ERROR)' "$OUT/gpu_tests.log" | head -n 20
+  exit $status
 fi
 bench_args=()
 [[ " $* " == *" --sweep "* ]] && bench_args+=(--sweep)

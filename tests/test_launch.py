@@ -84,8 +84,8 @@ def test_planned_merge_direct_launch_passes_the_generic_arguments(monkeypatch: p
 
     calls = []
     recorded_hit = ("kernel", ("tail",))
-    monkeypatch.setattr(merge, "launch", lambda fn, grid, args, kwargs: calls.append(("generic", grid, args, kwargs)))
-    monkeypatch.setattr(merge, "recorded", lambda fn, args, kwargs: recorded_hit)
+    monkeypatch.setattr(merge, "launch",
+                        lambda fn, grid, args, kwargs: calls.append(("generic", grid, args, kwargs)) or recorded_hit)
     monkeypatch.setattr(merge, "run_recorded", lambda hit, grid, dev, args: calls.append(("direct", grid, args, hit)))
     monkeypatch.setattr(merge, "hooks_set", lambda: False)
     tokens, heads, d = 3, 5, 64

@@ -27,8 +27,7 @@ _JIT_ONLY = object()  # marks a key whose launches keep the JIT path
 
 
 def _key(fn, device: int, args: tuple, kwargs: dict) -> tuple:
-    tensor = torch.Tensor
-    return (fn, device, *[(a.dtype, a.data_ptr() & 15) if isinstance(a, tensor) else a for a in args],
+    return (fn, device, *[(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args],
             *kwargs.items())
 
 
@@ -42,34 +41,31 @@ def _hook_active(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-def launch(fn, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+def launch(fn, grid: tuple[int, ...], args: tuple, kwargs: dict) -> tuple | None:
     """``fn[grid](*args, **kwargs)``: ``args`` are the kernel's leading positional parameters,
-    ``kwargs`` its constexprs and launch options (num_warps, ...)."""
+    ``kwargs`` its constexprs and launch options (num_warps, ...). Returns what later launches
+    with the same key can give :func:`run_recorded` (None: they keep the JIT path)."""
     device = args[0].get_device()
     key = _key(fn, device, args, kwargs)
     hit = _CACHE.get(key)  # never set under the interpreter or once the fast path broke
-    if hit is None or hit is _JIT_ONLY or hooks_set():
-        kernel = fn[grid](*args, **kwargs)
-        if hit is None and not (_BROKEN or is_interpreting() or hooks_set()):
-            _remember(key, fn, kernel, device, args, kwargs)
-        return
-    run_recorded(hit, grid, device, args)
-
-
-def recorded(fn, args: tuple, kwargs: dict) -> tuple | None:
-    """What :func:`launch` recorded for these arguments (for :func:`run_recorded`), or None
-    when they launch through the JIT (not yet launched, interpreter, a slow-path key)."""
-    hit = _CACHE.get(_key(fn, args[0].get_device(), args, kwargs))
-    return None if hit is None or hit is _JIT_ONLY else hit
+    if hit is not None and hit is not _JIT_ONLY and not hooks_set():
+        run_recorded(hit, grid, device, args)
+        return hit
+    kernel = fn[grid](*args, **kwargs)
+    if hit is None and not (_BROKEN or is_interpreting() or hooks_set()):
+        _remember(key, fn, kernel, device, args, kwargs)
+    hit = _CACHE.get(key)
+    return None if hit is _JIT_ONLY else hit
 
 
 def run_recorded(hit: tuple, grid: tuple[int, ...], device: int, args: tuple) -> None:
     """Launch a recorded kernel on the current stream; ``args`` must match the key it was
     recorded under. Callers check :func:`hooks_set` first."""
     kernel, tail = hit
+    g = (*grid, 1, 1)
     stream = torch._C._cuda_getCurrentRawStream(device)
-    kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-               kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
+    kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
+               *args, *tail)
 
 
 def _remember(key: tuple, fn, kernel, device: int, args: tuple, kwargs: dict) -> None:

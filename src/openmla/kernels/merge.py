@@ -32,7 +32,7 @@ import triton.language as tl
 
 from openmla._interp import is_interpreting
 from openmla.config import ReduceConfig
-from openmla.kernels.launch import hooks_set, launch, recorded, run_recorded
+from openmla.kernels.launch import hooks_set, launch, run_recorded
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -181,6 +181,13 @@ def use_pdl(device: torch.device) -> bool:
     return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _merge_args(part_o, part_lse, out, lse, tok_arrays, num_tokens: int, dense_parts: int, s_out: tuple,
+                s_lse: int) -> tuple:
+    """The merge kernel's positional arguments (``s_out``, ``s_lse``: the strides of out, lse)."""
+    return (part_o, part_lse, out, lse, *tok_arrays, num_tokens, out.shape[1], dense_parts, s_out[0], s_out[1],
+            s_lse)
+
+
 def _launch_args(part_o, part_lse, out, lse, tok_arrays, num_tokens: int, dense_parts: int,
                  config: ReduceConfig, pdl: bool) -> tuple[int, tuple, dict]:
     """The merge kernel's grid size (0: nothing to launch), arguments and constexprs."""
@@ -189,9 +196,7 @@ def _launch_args(part_o, part_lse, out, lse, tok_arrays, num_tokens: int, dense_
     # plain integer arithmetic: triton.cdiv and next_power_of_2 are JIT functions (~2 us a call)
     block_h = min(config.block_h, 1 << max(num_heads - 1, 0).bit_length())
     grid = num_tokens * -(-num_heads // block_h) * (d // block_d)
-    s_out = out.stride()
-    args = (part_o, part_lse, out, lse, *tok_arrays, num_tokens, num_heads, dense_parts, s_out[0], s_out[1],
-            lse.stride(0))
+    args = _merge_args(part_o, part_lse, out, lse, tok_arrays, num_tokens, dense_parts, out.stride(), lse.stride(0))
     kwargs = dict(D=d, DENSE=dense_parts > 0, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_S=config.block_s,
                   NUM_STAGES=config.num_stages, ORDERED=bool(config.ordered), USE_PDL=pdl,
                   num_warps=config.num_warps, num_stages=config.num_stages,
@@ -216,27 +221,26 @@ class PlannedMerge:
 
     def __init__(self, part_o: torch.Tensor, part_lse: torch.Tensor, tok_arrays: tuple, num_tokens: int,
                  config: ReduceConfig) -> None:
-        self._fixed = (part_o, part_lse, tok_arrays, num_tokens, config, use_pdl(part_o.device))
+        self._part_o, self._part_lse, self._tok_arrays = part_o, part_lse, tok_arrays
+        self._num_tokens, self._config = num_tokens, config
+        self._pdl = use_pdl(part_o.device)
         self._device = part_o.get_device()
         self._direct = None  # (out/lse signature, recorded kernel, grid)
 
     def __call__(self, out: torch.Tensor, lse: torch.Tensor) -> None:
-        s_out = out.stride()
-        sig = (out.dtype, out.shape, out.data_ptr() & 15, lse.data_ptr() & 15, s_out, lse.stride(0))
+        s_out, s_lse = out.stride(), lse.stride(0)
+        sig = (out.dtype, out.shape, out.data_ptr() & 15, lse.data_ptr() & 15, s_out, s_lse)
         direct = self._direct
         if direct is not None and direct[0] == sig and not hooks_set():
-            part_o, part_lse, tok_arrays, num_tokens, _, _ = self._fixed
             run_recorded(direct[1], direct[2], self._device,
-                         (part_o, part_lse, out, lse, *tok_arrays, num_tokens, out.shape[1], 0, s_out[0],
-                          s_out[1], sig[5]))
+                         _merge_args(self._part_o, self._part_lse, out, lse, self._tok_arrays, self._num_tokens, 0,
+                                     s_out, s_lse))
             return
-        part_o, part_lse, tok_arrays, num_tokens, config, pdl = self._fixed
-        grid, args, kwargs = _launch_args(part_o, part_lse, out, lse, tok_arrays, num_tokens, 0, config, pdl)
-        if not grid:
-            return
-        launch(_merge_kernel, (grid,), args, kwargs)
-        hit = recorded(_merge_kernel, args, kwargs)
-        self._direct = None if hit is None else (sig, hit, (grid,))
+        grid, args, kwargs = _launch_args(self._part_o, self._part_lse, out, lse, self._tok_arrays, self._num_tokens,
+                                          0, self._config, self._pdl)
+        if grid:
+            hit = launch(_merge_kernel, (grid,), args, kwargs)
+            self._direct = None if hit is None else (sig, hit, (grid,))
 
 
 def launch_merge(

@@ -248,7 +248,7 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
                              "kernels": kernel_times(ours.fns()), **slow_launches()})
     print(f"  {name} openmla ({backend}) kernels (profiler, us per call): {rows[-1]['kernels']}; "
           f"slow launch paths: {slow_launches()}")
-    if backend != "triton":  # the Triton kernel on the same shape, for the record
+    if backend != "triton" and not args.no_triton_row:  # the Triton kernel on the same shape, for the record
         os.environ["OPENMLA_DECODE_BACKEND"] = "triton"
         try:
             tri = Ours(b, args.rotations)
@@ -284,7 +284,7 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
             except Exception as exc:  # noqa: BLE001 - a config that fails to compile is a data point
                 print(f"  {label}: {type(exc).__name__}: {str(exc)[:200]}")
     if not args.no_peer:
-        for backend in ("fa3", "fa2"):
+        for backend in args.peers.split(","):
             try:
                 impl = FlashInfer(b, args.rotations, backend)
             except Exception as exc:  # noqa: BLE001
@@ -346,6 +346,9 @@ def main() -> int:
     p.add_argument("--sweep", action="store_true", help="also time alternative launch configs and splits")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay times")
+    p.add_argument("--peers", default="fa3,fa2", help="FlashInfer backends to time (comma list)")
+    p.add_argument("--no-triton-row", action="store_true",
+                   help="skip the Triton kernel's row where another backend serves the shape")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--results", default=None, help="CSV file to append rows to")
     args = p.parse_args()

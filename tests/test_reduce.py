@@ -17,6 +17,7 @@ from openmla.reduce_timing import check_merge, make_partials, reference_merge
 from openmla.testing import nan_like
 from openmla.tune import BENCH_FIXED_SPLITS, grid_points, table_row, tune_point, write_table
 from openmla.tuning import (
+    DECODE_MERGE_TWO_PIECES,
     TABLE_DIR,
     adaptive_num_splits,
     choose_reduce_config,
@@ -66,7 +67,7 @@ def _shipped_configs() -> list[ReduceConfig]:
 
 HEURISTIC = [heuristic_reduce_config(4, h, D, s) for h in (16, 128) for s in (1, 2, 3, 5, 9, 17, 33)]
 PICKABLE = list(dict.fromkeys([
-    untuned_reduce_config(D), *_shipped_configs(), *HEURISTIC,
+    untuned_reduce_config(D), *_shipped_configs(), *HEURISTIC, DECODE_MERGE_TWO_PIECES,
     *reduce_candidates(5, 5, D)[::4], *reduce_candidates(17, 5, D)[::4],  # a sample of the tuner's space
     interpreter_reduce_config(5, D, 5),
 ]))
@@ -417,6 +418,24 @@ def test_ordered_merge_bits_do_not_depend_on_the_config(device: torch.device) ->
     _check(results[0][0], results[0][1], parts, part_lse)
     tree = [merge_states(parts, part_lse, config=c)[1] for c in configs[:3]]  # fp32 lse: every bit
     assert not (torch.equal(tree[0], tree[1]) and torch.equal(tree[0], tree[2]))
+
+
+def test_decode_merge_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode's merge of at most two pieces (L2-resident partials) takes the wide config on a
+    GPU; more pieces, the interpreter and the standalone merge keep the table's choice."""
+    from openmla import tuning
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert tuning.decode_merge_config(64, 16, D, 2, cpu) == tuning.reduce_config(64, 16, D, 2, cpu)
+    monkeypatch.setattr(tuning, "is_interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "_cuda_config", lambda *key: ("table", key))
+    for splits in (1, 2):
+        for d in (64, D):
+            cfg = tuning.decode_merge_config(64, 32, d, splits, gpu)
+            assert cfg == ReduceConfig(2, min(512, d), 2, 2, 1) and d % cfg.block_d == 0
+    assert tuning.decode_merge_config(64, 32, D, 3, gpu)[0] == "table"
+    assert tuning.decode_reduce_config(64, D, gpu, tilelang=True) == tuning.DECODE_MERGE_TWO_PIECES
+    assert tuning.decode_reduce_config(64, D, gpu)[0] == "table"
 
 
 def test_ordered_reduce_config(monkeypatch: pytest.MonkeyPatch) -> None:

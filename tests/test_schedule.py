@@ -103,6 +103,7 @@ def test_kv_as_m_routing(monkeypatch: pytest.MonkeyPatch) -> None:
     from openmla.kernels.decode_tilelang import PLAN_CONFIG, plan_config, uses_kv_as_m
 
     monkeypatch.delenv("OPENMLA_TILELANG_SCHEDULE", raising=False)
+    monkeypatch.delenv("OPENMLA_KV_AS_M_BLOCK_M", raising=False)
     assert uses_kv_as_m(1, "plain") and uses_kv_as_m(63, "plain")
     assert uses_kv_as_m(16, "ds_mla") and uses_kv_as_m(9, "ds_mla")
     assert not uses_kv_as_m(64, "plain") and not uses_kv_as_m(64, "ds_mla") and not uses_kv_as_m(16, None)
@@ -110,6 +111,12 @@ def test_kv_as_m_routing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert plan_config(16, 32, "plain").block_m == 32 and plan_config(24, 72, "plain").block_m == 32
     assert plan_config(16, 16, "ds_mla").kv_as_m and plan_config(16, 32, "ds_mla").block_m == 32
     assert plan_config(128, 256, "plain") == PLAN_CONFIG and plan_config(128, 256, "ds_mla") == PLAN_CONFIG
+    monkeypatch.setenv("OPENMLA_KV_AS_M_BLOCK_M", "16")  # pins the tile rows (A/B runs)
+    assert plan_config(16, 32, "plain").block_m == 16 and plan_config(128, 256, "plain") == PLAN_CONFIG
+    monkeypatch.setenv("OPENMLA_KV_AS_M_BLOCK_M", "24")
+    with pytest.raises(ValueError, match="OPENMLA_KV_AS_M_BLOCK_M"):
+        plan_config(16, 16, "plain")
+    monkeypatch.delenv("OPENMLA_KV_AS_M_BLOCK_M")
     monkeypatch.setenv("OPENMLA_TILELANG_SCHEDULE", "kv_as_m")
     assert plan_config(128, 128, "plain").kv_as_m and uses_kv_as_m(128, "ds_mla")
     monkeypatch.setenv("OPENMLA_TILELANG_SCHEDULE", "seesaw")

@@ -42,7 +42,7 @@ from openmla.schedule import (
     deterministic_pieces,
     work_capacity,
 )
-from openmla.tuning import decode_reduce_config, ordered_reduce_config, reduce_config
+from openmla.tuning import decode_merge_config, decode_reduce_config, ordered_reduce_config
 from openmla.validation import (
     ATTN_DTYPES,
     INDEX_DTYPES,
@@ -333,7 +333,7 @@ class BatchMLAPagedAttentionWrapper:
         elif deterministic:  # pieces added in order: the same bits whatever config this batch gets
             merge_config = ordered_reduce_config(*merge_point, self._device)
         else:
-            merge_config = reduce_config(*merge_point, self._device)
+            merge_config = decode_merge_config(*merge_point, self._device)
         arrays = self._launch_arrays(slice_meta(self._meta, batch, cap, tok_cap), sched.num_pieces)
         merge_kernel = int(self._use_cuda_graph or sched.merge_kernel_tokens > 0)
         planned_merge = None

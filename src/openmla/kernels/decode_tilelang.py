@@ -92,6 +92,11 @@ def plan_config(num_heads: int, max_rows: int, layout: str | None) -> DecodeConf
     if not uses_kv_as_m(num_heads, layout):
         return PLAN_CONFIG
     block_m = 16 if max_rows <= 16 else 32
+    pinned = os.environ.get("OPENMLA_KV_AS_M_BLOCK_M")  # A/B runs: 16 or 32
+    if pinned:
+        if pinned not in ("16", "32"):
+            raise ValueError(f"OPENMLA_KV_AS_M_BLOCK_M must be 16 or 32, got {pinned!r}")
+        block_m = int(pinned)
     return DecodeConfig(block_m=block_m, block_n=BLOCK_N, num_warps=4, num_stages=NUM_STAGES, kv_as_m=True)
 
 

@@ -1,0 +1,73 @@
+"""One workload under several settings in one process, FlashInfer fa3 beside: the same-process
+A/B of an environment pin or a plan keyword (absolute times drift between processes).
+
+    python benchmarks/ab_env.py W5 '[["default", {}, {}],
+                                     ["rows16", {"OPENMLA_KV_AS_M_BLOCK_M": "16"}, {}],
+                                     ["det", {}, {"deterministic": true}], ["fa3", {}, {}]]'
+
+Each variant is ``[label, env, plan keywords]``; the env is set while the variant plans (plan()
+reads the pins) and restored after; the label ``fa3`` is FlashInfer. Every variant is checked
+against the float64 oracle, then timed twice in turn (rotated page tables, L2 flushed); the first
+round adds the CUDA-graph replay time, the kernels (profiler) and the plan's shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode import FlashInfer, Ours, captured, check, kernel_times, reference, time_rotating
+
+from openmla.workloads import WORKLOADS, make_device_batch
+
+PLAN_KEYS = ("pieces", "split_requests", "row_blocks", "block_m")
+
+
+def build(b, label: str, env: dict, plan_kw: dict):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return FlashInfer(b, 3, "fa3") if label == "fa3" else Ours(b, 3, **plan_kw)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def main() -> None:
+    name, variants = sys.argv[1], json.loads(sys.argv[2])
+    w = WORKLOADS[name]
+    b = make_device_batch(w, "cuda", rotations=3)
+    ref, lowp = reference(b, torch.float64), reference(b, torch.float32)
+    lowp = (lowp[0].to(b.q_nope.dtype), lowp[1])
+    impls = []
+    for label, env, plan_kw in variants:
+        try:
+            impl = build(b, label, env, plan_kw)
+        except Exception as exc:  # noqa: BLE001 - a setting that cannot plan is a data point
+            print(name, label, "ERR", type(exc).__name__, str(exc)[:300], flush=True)
+            continue
+        impls.append((label, impl, check(impl, ref, lowp)))
+    for rnd in range(2):
+        for label, impl, status in impls:
+            us = time_rotating(impl.fns())
+            extra = ""
+            if rnd == 0:
+                replays = captured(impl.fns())
+                graph_us = round(time_rotating(replays), 1) if replays else None
+                info = impl.wrappers[0].plan_info if label != "fa3" else {}
+                extra = (f"graph {graph_us} kernels {kernel_times(impl.fns())} "
+                         f"plan { {k: info.get(k) for k in PLAN_KEYS} }")
+            print(f"{name} r{rnd} {label:<28} {us:8.1f} us {w.bytes() / us / 1e3:6.0f} GB/s {status[:40]} {extra}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

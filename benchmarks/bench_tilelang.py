@@ -1,6 +1,8 @@
-"""Variants of the TileLang compute-bound kernel on the 128-head workloads: where its time goes.
+"""Variants of the TileLang kernels (the 64-row one on the 128-head workloads, ``kv_as_m`` below
+64 heads): where their time goes.
 
     python benchmarks/bench_tilelang.py [--workloads W2,W3] [--out DIR]
+    python benchmarks/bench_tilelang.py --workloads W5,W1,W1h32,W8 --variants shipped,batched-reduce
 
 Each variant is timed as the kernel alone (``do_bench`` median over the rotated page tables of
 bench_decode.py), on the plan ``BatchMLAPagedAttentionWrapper`` makes, after a check against
@@ -8,7 +10,8 @@ the float32 reference on the first rotation. Variants: the shipped kernel (the h
 "seesaw" schedule: softmax of one warpgroup under the other's MMAs), "seesaw_split", TileLang's
 automatic warp specialisation, fast math (approximate exp2/log2), BLOCK_N 32 with 3 and 4 stages,
 and pinned split counts; on the 656-byte rows (W9), how many dequantisation steps run before the
-P V they follow (``dq_early``).
+P V they follow (``dq_early``). On ``kv_as_m`` plans: the shipped kernel and its batched softmax
+reductions (``batched_reduce``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from bench_decode import WORKSPACE_BYTES, provenance, reference
 
 from openmla import BatchMLAPagedAttentionWrapper
 from openmla.kernels.decode import KV_FP8_DS_MLA
-from openmla.kernels.decode_tilelang import launch_decode_tilelang
+from openmla.kernels.decode_tilelang import KV_AS_M, launch_decode_tilelang
 from openmla.kernels.merge import launch_merge
 from openmla.ops import kv_views
 from openmla.workloads import WORKLOADS, make_device_batch, plan_args
@@ -43,6 +46,8 @@ VARIANTS = {
     **{f"dq-early-{n}": {"dq_early": n} for n in (4, 6, 8, 10, 12, 16)},
 }
 FP8_VARIANTS = ("shipped",) + tuple(f"dq-early-{n}" for n in (4, 6, 8, 10, 12, 16))
+KV_AS_M_VARIANTS = {"shipped": {}, "batched-reduce": {"batched_reduce": True},
+                    "per-column-reduce": {"batched_reduce": False}}
 
 
 def launcher(w: BatchMLAPagedAttentionWrapper, b, out, lse, variant: dict):
@@ -52,11 +57,13 @@ def launcher(w: BatchMLAPagedAttentionWrapper, b, out, lse, variant: dict):
     ckv, kpe = (kv_views(KV_FP8_DS_MLA, b.kv_cache, None, None)[:2] if ds_mla
                 else (b.ckv_cache, b.kpe_cache))
 
+    plan_kw = {"block_m": p.config.block_m, "schedule": KV_AS_M} if p.config.kv_as_m else {}
+
     def fn() -> None:
         launch_decode_tilelang(b.q_nope, b.q_pe, ckv, kpe, out, lse, w._part_o, w._part_lse,
                                a.qo_indptr, a.kv_indptr, p.kv_indices, a.kv_len, a.work_req,
                                a.work_kv_begin, a.work_kv_end, a.work_part_row, p.sm_scale, p.causal,
-                               p.sizes[4], ds_mla=ds_mla, **variant)
+                               p.sizes[4], ds_mla=ds_mla, **plan_kw, **variant)
         if p.sizes[5]:
             launch_merge(part_o=w._part_o, part_lse=w._part_lse, out=out, lse=lse,
                          tok_part_row=a.tok_part_row, tok_num_parts=a.tok_num_parts,
@@ -74,7 +81,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", default="W2,W3")
     ap.add_argument("--rotations", type=int, default=3)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join([*VARIANTS, "batched-reduce", "per-column-reduce"]),
+                    help="comma list of " + ",".join([*VARIANTS, *KV_AS_M_VARIANTS]))
     ap.add_argument("--splits", default="auto,1,2", help="split counts for the shipped variant")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -95,8 +103,11 @@ def main() -> int:
                 wrappers.append(w)
             assert wrappers[0].backend == "tilelang", f"{name} did not plan the TileLang path"
             names = args.variants.split(",")
-            chosen = [(v, VARIANTS[v]) for v in names if v in FP8_VARIANTS or not ds_mla]
-            for vname, variant in chosen if splits is None else [("shipped", VARIANTS["shipped"])]:
+            if wrappers[0]._plan.config.kv_as_m:
+                chosen = [(v, KV_AS_M_VARIANTS[v]) for v in names if v in KV_AS_M_VARIANTS]
+            else:
+                chosen = [(v, VARIANTS[v]) for v in names if v in VARIANTS and (v in FP8_VARIANTS or not ds_mla)]
+            for vname, variant in chosen if splits is None else chosen[:1]:
                 fns = [launcher(w, b, out, lse, variant) for w in wrappers]
                 try:
                     fns[0]()

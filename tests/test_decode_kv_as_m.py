@@ -108,3 +108,26 @@ def test_kv_as_m_ds_mla_batch_invariant(gpu_workspace: torch.Tensor) -> None:
     out, lse = run_and_check_ds_mla(BatchMLAPagedAttentionWrapper(gpu_workspace), crowd, deterministic=True,
                                     expect_backend="tilelang")
     assert torch.equal(out[row], ref_out[0]) and torch.equal(lse[row], ref_lse[0])
+
+
+BATCHED_REDUCE_CASES = [(CASES[0], False), (CASES[2], False), (CASES[5], False), (DS_MLA_CASES[1], True)]
+
+
+@pytest.mark.parametrize("params, ds_mla", BATCHED_REDUCE_CASES,
+                         ids=[("ds_mla-" if d else "") + batch_case_id(p) for p, d in BATCHED_REDUCE_CASES])
+def test_kv_as_m_batched_reduce(params: tuple, ds_mla: bool, gpu_workspace: torch.Tensor,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The softmax's batched cross-warp reductions (``KV_AS_M_BATCHED_REDUCE``, off until measured
+    faster): against the oracle, and bitwise the same output and lse as one reduction per column
+    (each column goes through the same butterfly either way)."""
+    from openmla.kernels import decode_tilelang
+
+    case = batch_case(params, CUDA)
+    check = run_and_check_ds_mla if ds_mla else run_and_check
+    results = []
+    for batched in (False, True):
+        monkeypatch.setattr(decode_tilelang, "KV_AS_M_BATCHED_REDUCE", batched)
+        monkeypatch.setattr(decode_tilelang, "_LAUNCH_FNS", {})  # launch keys hold the built kernel
+        results.append(check(BatchMLAPagedAttentionWrapper(gpu_workspace), case, params[6],
+                             expect_backend="tilelang"))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -117,6 +117,9 @@ def _shape_vars():
 
 
 SCHEDULES = ("seesaw", "seesaw_split", "auto_ws")  # of the 64-row (compute-bound) kernel
+# kv_as_m's batched softmax reductions (build_kernel's ``batched_reduce``): off until measured on a
+# GPU (compiled for sm_90a only so far; benchmarks/bench_tilelang.py --workloads W5 times both)
+KV_AS_M_BATCHED_REDUCE = False
 KV_AS_M = "kv_as_m"  # the memory-bound kernel for few rows (_kv_as_m_func)
 
 
@@ -131,7 +134,8 @@ def _schedule_name() -> str:
 
 def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block_n: int = BLOCK_N,
                  num_stages: int = NUM_STAGES, fast_math: bool = False, schedule: str | None = None,
-                 ds_mla: bool = False, dq_early: int | None = None, block_m: int = BLOCK_M):
+                 ds_mla: bool = False, dq_early: int | None = None, block_m: int = BLOCK_M,
+                 batched_reduce: bool | None = None):
     """The compiled kernel for one (heads, page size, dtype, causal); the keyword arguments are
     tuning variants (benchmarks/bench_tilelang.py). ``schedule``: ``seesaw`` (the default;
     hand-scheduled warp specialisation: the consumer warpgroups take alternate KV blocks, so one's
@@ -141,7 +145,9 @@ def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block
     one that takes other ``block_n`` / ``num_stages``); None reads ``OPENMLA_TILELANG_SCHEDULE``.
     ``ds_mla``: the cache is 656-byte fp8 rows (``seesaw`` only, bf16 queries); ``dq_early``: how
     many of its 16 dequantisation steps run before the P V they follow is issued (default
-    ``DQ_EARLY``)."""
+    ``DQ_EARLY``); ``batched_reduce`` (``kv_as_m``; default ``KV_AS_M_BATCHED_REDUCE``): the
+    softmax's column max over the block's tokens as one batched cross-warp reduction (5 named
+    barriers a block) instead of one per column a thread holds (5 each: 40 a block at 32 rows)."""
     if schedule is None:
         schedule = _schedule_name()
     if schedule not in (*SCHEDULES, KV_AS_M):
@@ -152,20 +158,22 @@ def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block
     dq_early = DQ_EARLY if dq_early is None else int(dq_early)
     if not 0 <= dq_early <= DQ_STEPS:
         raise ValueError(f"dq_early must be in [0, {DQ_STEPS}], got {dq_early}")
+    kv_as_m = schedule == KV_AS_M
+    batched = bool(KV_AS_M_BATCHED_REDUCE if batched_reduce is None else batched_reduce) and kv_as_m
     return _build_kernel(num_heads, page_size, dtype, bool(causal), block_n, num_stages, fast_math, schedule,
-                         bool(ds_mla), dq_early if ds_mla else DQ_STEPS, block_m if schedule == KV_AS_M else BLOCK_M)
+                         bool(ds_mla), dq_early if ds_mla else DQ_STEPS, block_m if kv_as_m else BLOCK_M, batched)
 
 
 @functools.cache
 def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block_n: int,
                   num_stages: int, fast_math: bool, schedule: str, ds_mla: bool, dq_early: int,
-                  block_m: int):
+                  block_m: int, batched_reduce: bool = False):
     import tilelang
     import tilelang.language as T
 
     configs = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True} if fast_math else None
     if schedule == KV_AS_M:
-        func = _kv_as_m_func(num_heads, page_size, dtype, causal, block_m, ds_mla)
+        func = _kv_as_m_func(num_heads, page_size, dtype, causal, block_m, ds_mla, batched_reduce)
         return tilelang.compile(func, target=_target(), execution_backend=_backend(), pass_configs=configs)
     if schedule in ("seesaw", "seesaw_split"):
         if block_n != BLOCK_N or num_stages != NUM_STAGES:
@@ -296,7 +304,7 @@ def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
 
 
 def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, block_m: int,
-                  ds_mla: bool = False):
+                  ds_mla: bool = False, batched_reduce: bool = False):
     """The memory-bound kernel for few rows: the KV tokens are the products' M dimension,
     ``S^T = K Q^T`` [64, block_m] and ``O^T += V^T P^T`` [512, block_m], so a request's 4-32
     rows cost no padded MMA work (wgmma N = block_m), and one consumer warpgroup streams the
@@ -314,6 +322,8 @@ def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
 
     H, PAGE, BM, BN = num_heads, page_size, block_m, BLOCK_N
     acc = "float32"
+    # each thread holds BM / 4 of a row's columns of the wgmma accumulator (4 warps over the M)
+    red_batch = BM // 4 if batched_reduce else 1
     rows, slots, n_idx, batch1, batch, work, part_rows, s_qn, s_qp, s_kv, s_kpe, s_o = _shape_vars()
     kv_dtype = "float8_e4m3fn" if ds_mla else dtype
     kpe_width = DS_MLA_TAIL if ds_mla else D_KPE
@@ -425,7 +435,7 @@ def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
                         s_t[j, i] = T.if_then_else(start + j <= last, s_t[j, i] * scale_log2,
                                                    -T.infinity(acc))
                     T.copy(m_i, m_prev)
-                    T.reduce_max(s_t, m_i, dim=0, clear=False)
+                    T.reduce_max(s_t, m_i, dim=0, clear=False, batch=red_batch)
                     for i in T.Parallel(BM):
                         alpha[i] = T.exp2(m_prev[i] - T.if_then_else(m_i[i] == -T.infinity(acc), 0, m_i[i]))
                     for j, i in T.Parallel(BN, BM):
@@ -443,7 +453,7 @@ def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
                         o_t[c, i] *= alpha[i]
                     T.gemm(kv_s, p_s, o_t, transpose_A=True)
 
-                T.reduce_sum(l_t, l_i, dim=0)
+                T.reduce_sum(l_t, l_i, dim=0, batch=red_batch)
 
                 for c, i in T.Parallel(D_CKV, BM):
                     o_t[c, i] = o_t[c, i] / T.if_then_else(l_i[i] > 0, l_i[i], 1)

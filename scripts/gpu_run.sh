@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one call: GPU tests, then the benchmarks (KV write path; decode beside
 # FlashInfer).
-# Usage on the GPU machine, from the repo root:  bash scripts/gpu_run.sh [--sweep] [--tests-only | --bench-only]
-# (a device call lasts at most 10 minutes: run the tests and the benchmarks as two calls)
+# Usage on the GPU machine, from the repo root:
+#   bash scripts/gpu_run.sh [--sweep] [--tests-only | --bench-only] [--group fast|kv_as_m|tilelang]
+# (a device call lasts at most 10 minutes: run the tests and the benchmarks as separate calls; the
+# whole GPU suite takes more than one call on the H200 machine, so --group runs a third of it:
+# fast = the Triton, merge, write-path and launch files; kv_as_m = test_decode_kv_as_m.py and
+# test_fp8_decode.py; tilelang = test_decode_tilelang.py)
 # Writes logs and JSON under $OUT (default ./gpu_out); prints the benchmark table last.
 # FlashInfer (wheels) and TileLang (an archive) travel in .whl/ (scripts/gpu_env.sh, DESIGN.md
 # "Benchmarks"); without them the peer columns stay empty and the Triton kernel serves 64+ heads.
@@ -14,10 +18,23 @@ source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
 
 status=0
+group=
+args=("$@")
+for i in "${!args[@]}"; do [[ ${args[$i]} == --group ]] && group=${args[$((i + 1))]:-}; done
+case "$group" in
+  "") test_files=(tests); precompile=(--set tests) ;;
+  fast) test_files=(tests/test_gpu.py tests/test_reduce.py tests/test_batch_invariant.py tests/test_fp8_write.py
+                    tests/test_launch.py tests/test_merge.py); precompile=() ;;
+  kv_as_m) test_files=(tests/test_decode_kv_as_m.py tests/test_fp8_decode.py); precompile=(--set kv_as_m) ;;
+  tilelang) test_files=(tests/test_decode_tilelang.py); precompile=(--set tests) ;;
+  *) echo "unknown --group $group (fast, kv_as_m, tilelang)"; exit 2 ;;
+esac
 if [[ " $* " != *" --bench-only "* ]]; then
   # the tests' TileLang kernels compile in parallel first; the tests load them from its disk cache
-  python3 scripts/precompile_tilelang.py 2>&1 | grep -v TileLang | tail -n 2
-  python3 -m pytest -m gpu -q -p no:cacheprovider tests --junitxml="$OUT/gpu_tests.xml" 2>&1 \
+  if [[ ${#precompile[@]} -gt 0 ]]; then
+    python3 scripts/precompile_tilelang.py "${precompile[@]}" 2>&1 | grep -v TileLang | tail -n 2
+  fi
+  python3 -m pytest -m gpu -q -p no:cacheprovider "${test_files[@]}" --junitxml="$OUT/gpu_tests.xml" 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -n 25 || status=1
 fi
 if [[ " $* " == *" --tests-only "* ]]; then

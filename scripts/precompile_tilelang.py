@@ -2,8 +2,8 @@
 from TileLang's disk cache instead of compiling one at a time (about 12 s each on the GPU
 machine). Usage: python scripts/precompile_tilelang.py [--jobs 12] [--set tests|kv_as_m]
 
-A variant is ``(schedule, heads, page, dtype, causal, block_m, ds_mla)``, as the GPU tests and
-the benchmarks plan them (read off their tables; a kernel missing here compiles in the test).
+A variant is ``(schedule, heads, page, dtype, causal, block_m, ds_mla[, batched_reduce])``, as the
+GPU tests and the benchmarks plan them (read off their tables; a kernel missing here compiles in the test).
 """
 
 from __future__ import annotations
@@ -31,16 +31,20 @@ _ROWS64_DS_MLA = [(128, 64, True), (128, 64, False), (64, 128, True), (64, 64, F
                   (16, 64, False), (8, 128, True), (24, 64, True), (32, 64, False)]
 ROWS64 = ([(s, h, p, d, c, 64, False) for s in ("seesaw", "seesaw_split", "auto_ws") for h, p, d, c in _ROWS64_PLAIN]
           + [("seesaw", h, p, BF16, c, 64, True) for h, p, c in _ROWS64_DS_MLA])
-SETS = {"kv_as_m": KV_AS_M, "tests": KV_AS_M + ROWS64}
+# kv_as_m with batched softmax reductions (``batched_reduce``): tests/test_decode_kv_as_m.py's
+# cases and the W1 / W5 / W1h32 / W8 shapes bench_tilelang.py times
+KV_AS_M_BATCHED = [(*KV_AS_M[i], True) for i in (0, 2, 5, 14, 7, 9, 13)]
+SETS = {"kv_as_m": KV_AS_M + KV_AS_M_BATCHED, "tests": KV_AS_M + KV_AS_M_BATCHED + ROWS64}
 
 
 def _compile(variant: tuple) -> tuple[tuple, float, str]:
     from openmla.kernels.decode_tilelang import build_kernel
 
-    schedule, heads, page, dtype, causal, block_m, ds_mla = variant
+    schedule, heads, page, dtype, causal, block_m, ds_mla, *batched = variant
     t = time.time()
     try:
-        build_kernel(heads, page, dtype, causal, schedule=schedule, block_m=block_m, ds_mla=ds_mla)
+        build_kernel(heads, page, dtype, causal, schedule=schedule, block_m=block_m, ds_mla=ds_mla,
+                     batched_reduce=batched[0] if batched else None)
         return variant, time.time() - t, "ok"
     except Exception as exc:  # noqa: BLE001 - reported, the tests will show it again
         return variant, time.time() - t, f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -422,7 +422,7 @@ def test_ordered_merge_bits_do_not_depend_on_the_config(device: torch.device) ->
 
 def test_decode_merge_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """The decode's merge of at most two pieces (L2-resident partials) takes the wide config on a
-    GPU; more pieces, the interpreter and the standalone merge keep the table's choice."""
+    GPU; more pieces, the interpreter and CUDA-graph plans keep the table's choice."""
     from openmla import tuning
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
@@ -434,8 +434,8 @@ def test_decode_merge_config(monkeypatch: pytest.MonkeyPatch) -> None:
             cfg = tuning.decode_merge_config(64, 32, d, splits, gpu)
             assert cfg == ReduceConfig(2, min(512, d), 2, 2, 1) and d % cfg.block_d == 0
     assert tuning.decode_merge_config(64, 32, D, 3, gpu)[0] == "table"
-    assert tuning.decode_reduce_config(64, D, gpu, tilelang=True) == tuning.DECODE_MERGE_TWO_PIECES
-    assert tuning.decode_reduce_config(64, D, gpu)[0] == "table"
+    # CUDA-graph plans' fixed key keeps the table: their requests may have many pieces
+    assert tuning.decode_reduce_config(64, D, gpu, tilelang=True)[0] == "table"
 
 
 def test_ordered_reduce_config(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -146,8 +146,8 @@ TILELANG_REDUCE_SPLITS = 2
 
 
 def decode_reduce_config(heads: int, d: int, device: torch.device, tilelang: bool = False) -> ReduceConfig:
-    if tilelang:
-        return decode_merge_config(TILELANG_REDUCE_TOKENS, heads, d, TILELANG_REDUCE_SPLITS, device)
+    if tilelang:  # (not decode_merge_config's wide programs: a graph's requests may have many pieces)
+        return reduce_config(TILELANG_REDUCE_TOKENS, heads, d, TILELANG_REDUCE_SPLITS, device)
     return reduce_config(DECODE_REDUCE_TOKENS, heads, d, DECODE_REDUCE_SPLITS, device)
 
 

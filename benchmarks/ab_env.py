@@ -18,10 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import FlashInfer, Ours, captured, check, kernel_times, reference, time_rotating
+from bench_decode import FlashInfer, Ours, captured, check, kernel_times, references, time_rotating
 
 from openmla.workloads import WORKLOADS, make_device_batch
 
@@ -45,8 +43,7 @@ def main() -> None:
     name, variants = sys.argv[1], json.loads(sys.argv[2])
     w = WORKLOADS[name]
     b = make_device_batch(w, "cuda", rotations=3)
-    ref, lowp = reference(b, torch.float64), reference(b, torch.float32)
-    lowp = (lowp[0].to(b.q_nope.dtype), lowp[1])
+    ref, lowp = references(b)
     impls = []
     for label, env, plan_kw in variants:
         try:

@@ -176,6 +176,13 @@ def reference(b: DeviceBatch, dtype: torch.dtype, dequantised: bool = False) -> 
                                 b.kv_indices[0], b.kv_len, w.page_size, b.sm_scale, w.causal, dtype)
 
 
+def references(b: DeviceBatch, dequantised: bool = False) -> tuple[tuple, tuple]:
+    """The float64 oracle and the float32 reference (output in the queries' dtype) that
+    :func:`check` compares against."""
+    lowp = reference(b, torch.float32, dequantised)
+    return reference(b, torch.float64, dequantised), (lowp[0].to(b.q_nope.dtype), lowp[1])
+
+
 def check(impl, ref, lowp) -> str:
     out, lse = impl.output()
     try:
@@ -221,9 +228,7 @@ def run_workload(name: str, args, ceilings) -> list[dict]:
 
     def refs_for(dequantised: bool):
         if dequantised not in refs:
-            ref = reference(b, torch.float64, dequantised)
-            lowp = reference(b, torch.float32, dequantised)
-            refs[dequantised] = ref, (lowp[0].to(b.q_nope.dtype), lowp[1])
+            refs[dequantised] = references(b, dequantised)
         return refs[dequantised]
 
     rows = []

@@ -16,24 +16,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import FlashInfer, Ours, check, kernel_times, reference, time_rotating
+from bench_decode import FlashInfer, Ours, check, kernel_times, references, time_rotating
 
 from openmla import tuning
 from openmla.config import ReduceConfig, reduce_candidates
+from openmla.tune import table_row, write_table
 from openmla.workloads import WORKLOADS, make_device_batch
-
-COLUMNS = ("gpu,sm_count,tokens,heads,d,splits,block_h,block_d,block_s,num_warps,num_stages,us,untuned_us,"
-           "date,torch,triton,commit,command")
 
 
 def one_row_table(cfg: ReduceConfig, tokens: int, heads: int, splits: int) -> str:
-    with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
-        f.write(f"{COLUMNS}\nsweep,0,{tokens},{heads},512,{splits},{cfg.block_h},{cfg.block_d},{cfg.block_s},"
-                f"{cfg.num_warps},{cfg.num_stages},0,0,-,-,-,-,-\n")
-    return f.name
+    """A reduce table holding ``cfg`` at one point (``OPENMLA_REDUCE_TABLE`` points plan() at it)."""
+    path = Path(tempfile.mkdtemp()) / "reduce.csv"
+    write_table([table_row({"gpu": "sweep", "sm_count": 0}, (tokens, heads, 512, splits), cfg, 0.0, 0.0)], path)
+    return str(path)
 
 
 def planned_with(b, cfg: ReduceConfig, heads: int) -> Ours:
@@ -53,8 +49,7 @@ def main() -> None:
     for name in names:
         b = make_device_batch(WORKLOADS[name], "cuda", rotations=3)
         heads = b.q_nope.shape[1]
-        ref, lowp = reference(b, torch.float64), reference(b, torch.float32)
-        lowp = (lowp[0].to(b.q_nope.dtype), lowp[1])
+        ref, lowp = references(b)
         fa3, base = FlashInfer(b, 3, "fa3"), Ours(b, 3)
         print(name, "plan", {k: base.wrappers[0].plan_info.get(k) for k in ("pieces", "block_m")}, flush=True)
         res = {"fa3": time_rotating(fa3.fns(), rep_ms=150), "default": time_rotating(base.fns(), rep_ms=150)}

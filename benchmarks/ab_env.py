@@ -5,14 +5,21 @@ A/B of an environment pin or a plan keyword (absolute times drift between proces
                                      ["rows16", {"OPENMLA_KV_AS_M_BLOCK_M": "16"}, {}],
                                      ["det", {}, {"deterministic": true}], ["fa3", {}, {}]]'
 
-Each variant is ``[label, env, plan keywords]``; the env is set while the variant plans (plan()
-reads the pins) and restored after; the label ``fa3`` is FlashInfer. Every variant is checked
-against the float64 oracle, then timed twice in turn (rotated page tables, L2 flushed); the first
-round adds the CUDA-graph replay time, the kernels (profiler) and the plan's shape.
+    python benchmarks/ab_env.py W5 '[["batched", {}, {}],
+                                     ["per-column", {}, {}, {"KV_AS_M_BATCHED_REDUCE": false}]]'
+
+Each variant is ``[label, env, plan keywords]`` or ``[label, env, plan keywords, kernel module
+attributes]``; the env is set while the variant plans (plan() reads the pins) and restored after;
+the attributes of ``openmla.kernels.decode_tilelang`` (defaults read at launch) are set around
+everything the variant does; the label ``fa3`` is FlashInfer. Every variant is checked against
+the float64 oracle, then timed three times in turn (rotated page tables, L2 flushed); the first
+round adds the CUDA-graph replay time, the kernels (profiler) and the plan's shape. fp8 workloads
+are checked against the oracle on the dequantised cache (FlashInfer reads the bf16 cache there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -21,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import FlashInfer, Ours, captured, check, kernel_times, references, time_rotating
 
+from openmla.kernels import decode_tilelang
 from openmla.workloads import WORKLOADS, make_device_batch
 
 PLAN_KEYS = ("pieces", "split_requests", "row_blocks", "block_m")
@@ -39,31 +47,46 @@ def build(b, label: str, env: dict, plan_kw: dict):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def kernel_attrs(attrs: dict):
+    saved = {k: getattr(decode_tilelang, k) for k in attrs}
+    for k, v in attrs.items():
+        setattr(decode_tilelang, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(decode_tilelang, k, v)
+
+
 def main() -> None:
     name, variants = sys.argv[1], json.loads(sys.argv[2])
     w = WORKLOADS[name]
     b = make_device_batch(w, "cuda", rotations=3)
-    ref, lowp = references(b)
+    refs = {False: references(b)}
+    if b.kv_cache is not None:
+        refs[True] = references(b, dequantised=True)
     impls = []
-    for label, env, plan_kw in variants:
+    for label, env, plan_kw, *attrs in variants:
+        attrs = attrs[0] if attrs else {}
         try:
-            impl = build(b, label, env, plan_kw)
+            with kernel_attrs(attrs):
+                impl = build(b, label, env, plan_kw)
+                status = check(impl, *refs[label != "fa3" and b.kv_cache is not None])
+                impls.append((label, impl, attrs, status, captured(impl.fns())))
         except Exception as exc:  # noqa: BLE001 - a setting that cannot plan is a data point
             print(name, label, "ERR", type(exc).__name__, str(exc)[:300], flush=True)
-            continue
-        impls.append((label, impl, check(impl, ref, lowp)))
-    for rnd in range(2):
-        for label, impl, status in impls:
-            us = time_rotating(impl.fns())
-            extra = ""
-            if rnd == 0:
-                replays = captured(impl.fns())
+    for rnd in range(3):
+        for label, impl, attrs, status, replays in impls:
+            with kernel_attrs(attrs):
+                us = time_rotating(impl.fns())
                 graph_us = round(time_rotating(replays), 1) if replays else None
-                info = impl.wrappers[0].plan_info if label != "fa3" else {}
-                extra = (f"graph {graph_us} kernels {kernel_times(impl.fns())} "
-                         f"plan { {k: info.get(k) for k in PLAN_KEYS} }")
-            print(f"{name} r{rnd} {label:<28} {us:8.1f} us {w.bytes() / us / 1e3:6.0f} GB/s {status[:40]} {extra}",
-                  flush=True)
+                extra = ""
+                if rnd == 0:
+                    info = impl.wrappers[0].plan_info if label != "fa3" else {}
+                    extra = f"kernels {kernel_times(impl.fns())} plan { {k: info.get(k) for k in PLAN_KEYS} }"
+            print(f"{name} r{rnd} {label:<28} {us:8.1f} us {w.bytes() / us / 1e3:6.0f} GB/s graph {graph_us} us "
+                  f"{status[:40]} {extra}", flush=True)
 
 
 if __name__ == "__main__":

@@ -121,3 +121,15 @@ def test_kv_as_m_routing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert plan_config(128, 128, "plain").kv_as_m and uses_kv_as_m(128, "ds_mla")
     monkeypatch.setenv("OPENMLA_TILELANG_SCHEDULE", "seesaw")
     assert not uses_kv_as_m(16, "plain") and plan_config(16, 16, "ds_mla") == PLAN_CONFIG
+
+
+def test_kv_as_m_batched_reduce_pin() -> None:
+    """``OPENMLA_KV_AS_M_BATCHED_REDUCE`` (read at import) turns kv_as_m's batched reductions on
+    for A/B runs; unset they stay off, and another value is refused by name."""
+    from openmla.kernels.decode_tilelang import _batched_reduce_pin
+
+    assert _batched_reduce_pin(None) is False and _batched_reduce_pin("") is False
+    assert _batched_reduce_pin("0") is False and _batched_reduce_pin("1") is True
+    for bad in ("2", "true", " 1"):
+        with pytest.raises(ValueError, match="OPENMLA_KV_AS_M_BATCHED_REDUCE"):
+            _batched_reduce_pin(bad)

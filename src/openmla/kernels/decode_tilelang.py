@@ -117,9 +117,23 @@ def _shape_vars():
 
 
 SCHEDULES = ("seesaw", "seesaw_split", "auto_ws")  # of the 64-row (compute-bound) kernel
-# kv_as_m's batched softmax reductions (build_kernel's ``batched_reduce``): off until measured on a
-# GPU (compiled for sm_90a only so far; benchmarks/bench_tilelang.py --workloads W5 times both)
-KV_AS_M_BATCHED_REDUCE = False
+
+
+def _batched_reduce_pin(value: str | None) -> bool:
+    """``OPENMLA_KV_AS_M_BATCHED_REDUCE``: ``1`` turns kv_as_m's batched reductions on, ``0`` or
+    unset leaves them off."""
+    if value in (None, "", "0"):
+        return False
+    if value == "1":
+        return True
+    raise ValueError(f"OPENMLA_KV_AS_M_BATCHED_REDUCE must be 0 or 1, got {value!r}")
+
+
+# kv_as_m's batched softmax reductions (build_kernel's ``batched_reduce``; bitwise the same results
+# as one reduction per column). Off: faster on every workload below 64 heads (H200: W5 108.6 ->
+# 101.0 us), but 2 of 8 W5 benchmark processes hung in the batch-invariant plan's calls, cause
+# not found (docs/perf-notes.md, session 13). The env pin is read once, here (A/B runs).
+KV_AS_M_BATCHED_REDUCE = _batched_reduce_pin(os.environ.get("OPENMLA_KV_AS_M_BATCHED_REDUCE"))
 KV_AS_M = "kv_as_m"  # the memory-bound kernel for few rows (_kv_as_m_func)
 
 
@@ -1015,8 +1029,9 @@ def launch_decode_tilelang(
     views = [_rows(t) for t in (q_nope, q_pe, ckv_cache, kpe_cache, out)]
     if any(v is None for v in views) or kv_indices.dtype != torch.int32 or lse.stride() != (lse.shape[1], 1):
         return False
+    # the module's batched-reduce default is part of the key, so an A/B run may flip it between calls
     key = (q_nope.shape[1], ckv_cache.shape[1], q_nope.dtype, bool(causal), ds_mla, block_m,
-           variant.get("schedule") or _schedule_name(), *variant.items())
+           variant.get("schedule") or _schedule_name(), kv_as_m and KV_AS_M_BATCHED_REDUCE, *variant.items())
     fn = _LAUNCH_FNS.get(key)
     if fn is None:
         dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[q_nope.dtype]

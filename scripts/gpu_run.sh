@@ -3,10 +3,12 @@
 # FlashInfer).
 # Usage on the GPU machine, from the repo root:
 #   bash scripts/gpu_run.sh [--sweep] [--tests-only | --bench-only] [--group fast|kv_as_m|tilelang]
+#                           [--shard K/N]
 # (a device call lasts at most 10 minutes: run the tests and the benchmarks as separate calls; the
 # whole GPU suite takes more than one call on the H200 machine, so --group runs a third of it:
 # fast = the Triton, merge, write-path and launch files; kv_as_m = test_decode_kv_as_m.py and
-# test_fp8_decode.py; tilelang = test_decode_tilelang.py)
+# test_fp8_decode.py; tilelang = test_decode_tilelang.py; --shard K/N runs every N-th of the
+# selected tests from the K-th on, K = 1..N, for a group that outlasts one call)
 # Writes logs and JSON under $OUT (default ./gpu_out); prints the benchmark table last.
 # FlashInfer (wheels) and TileLang (an archive) travel in .whl/ (scripts/gpu_env.sh, DESIGN.md
 # "Benchmarks"); without them the peer columns stay empty and the Triton kernel serves 64+ heads.
@@ -19,8 +21,12 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 
 status=0
 group=
+shard=
 args=("$@")
-for i in "${!args[@]}"; do [[ ${args[$i]} == --group ]] && group=${args[$((i + 1))]:-}; done
+for i in "${!args[@]}"; do
+  [[ ${args[$i]} == --group ]] && group=${args[$((i + 1))]:-}
+  [[ ${args[$i]} == --shard ]] && shard=${args[$((i + 1))]:-}
+done
 case "$group" in
   "") test_files=(tests); precompile=(--set tests) ;;
   fast) test_files=(tests/test_gpu.py tests/test_reduce.py tests/test_batch_invariant.py tests/test_fp8_write.py
@@ -29,6 +35,16 @@ case "$group" in
   tilelang) test_files=(tests/test_decode_tilelang.py); precompile=(--set tests) ;;
   *) echo "unknown --group $group (fast, kv_as_m, tilelang)"; exit 2 ;;
 esac
+if [[ -n "$shard" ]]; then
+  if [[ ! "$shard" =~ ^([0-9]+)/([0-9]+)$ ]] || (( BASH_REMATCH[1] < 1 || BASH_REMATCH[1] > BASH_REMATCH[2] )); then
+    echo "--shard takes K/N with 1 <= K <= N, got '$shard'"; exit 2
+  fi
+  k=${BASH_REMATCH[1]} n=${BASH_REMATCH[2]}
+  mapfile -t all_ids < <(python3 -m pytest --collect-only -q -m gpu -p no:cacheprovider "${test_files[@]}" | grep '::')
+  test_files=()
+  for i in "${!all_ids[@]}"; do (( i % n == k - 1 )) && test_files+=("${all_ids[$i]}"); done
+  echo "shard $shard: ${#test_files[@]} of ${#all_ids[@]} tests"
+fi
 if [[ " $* " != *" --bench-only "* ]]; then
   # the tests' TileLang kernels compile in parallel first; the tests load them from its disk cache
   if [[ ${#precompile[@]} -gt 0 ]]; then

@@ -24,6 +24,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import FlashInfer, Ours, captured, check, kernel_times, references, time_rotating
@@ -35,28 +36,12 @@ PLAN_KEYS = ("pieces", "split_requests", "row_blocks", "block_m")
 
 
 def build(b, label: str, env: dict, plan_kw: dict):
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with mock.patch.dict(os.environ, env):
         return FlashInfer(b, 3, "fa3") if label == "fa3" else Ours(b, 3, **plan_kw)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
-@contextlib.contextmanager
 def kernel_attrs(attrs: dict):
-    saved = {k: getattr(decode_tilelang, k) for k in attrs}
-    for k, v in attrs.items():
-        setattr(decode_tilelang, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(decode_tilelang, k, v)
+    return mock.patch.multiple(decode_tilelang, **attrs) if attrs else contextlib.nullcontext()
 
 
 def main() -> None:

@@ -199,6 +199,7 @@ def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
     H, PAGE = num_heads, page_size
     acc = "float32"
     rows, slots, n_idx, batch1, batch, work, part_rows, s_qn, s_qp, s_kv, s_kpe, s_o = _shape_vars()
+    no_keys = _no_keys_store(BLOCK_M, dtype)
 
     @T.macro
     def attend(q_s, qp_s, kv_s, kpe_s, p_s, acc_s, acc_o, m_i, m_prev, alpha, l_blk, l_i,
@@ -277,7 +278,7 @@ def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
             i_b = work_req[i_w]
             q_begin = qo_indptr[T.max(i_b, 0)]
             qo_len = qo_indptr[T.max(i_b, 0) + 1] - q_begin
-            if i_b >= 0 and i_m * BLOCK_M < qo_len * H:
+            if i_b >= 0 and i_m * BLOCK_M < qo_len * H and work_kv_begin[i_w] < work_kv_end[i_w]:
                 kv_begin = work_kv_begin[i_w]
                 kv_end = work_kv_end[i_w]
                 part_row = work_part_row[i_w]
@@ -313,8 +314,38 @@ def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
                     prow = part_row + i_m * BLOCK_M
                     T.copy(acc_o, PartO[prow:prow + BLOCK_M, :])
                     T.copy(lse_f, PartLse[prow:prow + BLOCK_M])
+            elif i_b >= 0 and i_m * BLOCK_M < qo_len * H:
+                no_keys(Out, Lse, PartO, PartLse, q_begin * H + i_m * BLOCK_M, i_m * BLOCK_M,
+                        work_part_row[i_w], BLOCK_M)
 
     return tilelang.compile(decode, target=_target(), execution_backend=_backend(), pass_configs=configs)
+
+
+def _no_keys_store(block_m: int, dtype: str):
+    """The store of a piece with no keys (an empty request, or a pinned split's empty piece): zero
+    output and lse -inf, from registers. Such a CTA loads nothing: one that exited with Q's TMA
+    load still in flight would have it land in the shared memory (and on the barrier) of the
+    next CTA on its SM."""
+    import tilelang.language as T
+
+    @T.macro
+    def store(Out, Lse, PartO, PartLse, row0, rq0, part_row, valid):
+        if part_row < 0:
+            for i, c in T.Parallel(block_m, D_CKV):
+                if i < valid:
+                    Out[row0 + i, c] = T.cast(0, dtype)
+            for i in T.Parallel(block_m):
+                if i < valid:
+                    Lse[row0 + i] = -T.infinity("float32")
+        else:
+            for i, c in T.Parallel(block_m, D_CKV):
+                if i < valid:
+                    PartO[part_row + rq0 + i, c] = T.cast(0, "float32")
+            for i in T.Parallel(block_m):
+                if i < valid:
+                    PartLse[part_row + rq0 + i] = -T.infinity("float32")
+
+    return store
 
 
 def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, block_m: int,
@@ -341,6 +372,7 @@ def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
     rows, slots, n_idx, batch1, batch, work, part_rows, s_qn, s_qp, s_kv, s_kpe, s_o = _shape_vars()
     kv_dtype = "float8_e4m3fn" if ds_mla else dtype
     kpe_width = DS_MLA_TAIL if ds_mla else D_KPE
+    no_keys = _no_keys_store(BM, dtype)
 
     @T.prim_func
     def decode(
@@ -391,7 +423,7 @@ def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
             i_b = work_req[i_w]
             q_begin = qo_indptr[T.max(i_b, 0)]
             qo_len = qo_indptr[T.max(i_b, 0) + 1] - q_begin
-            if i_b >= 0 and i_m * BM < qo_len * H:
+            if i_b >= 0 and i_m * BM < qo_len * H and work_kv_begin[i_w] < work_kv_end[i_w]:
                 kv_begin = work_kv_begin[i_w]
                 kv_end = work_kv_end[i_w]
                 part_row = work_part_row[i_w]
@@ -487,6 +519,9 @@ def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
                     for i in T.Parallel(BM):
                         if i < valid:
                             PartLse[part_row + rq0 + i] = lse_f[i]
+            elif i_b >= 0 and i_m * BM < qo_len * H:
+                no_keys(Out, Lse, PartO, PartLse, q_begin * H + i_m * BM, i_m * BM, work_part_row[i_w],
+                        qo_len * H - i_m * BM)
 
     return decode
 

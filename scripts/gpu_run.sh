@@ -7,8 +7,8 @@
 # (a device call lasts at most 10 minutes: run the tests and the benchmarks as separate calls; the
 # whole GPU suite takes more than one call on the H200 machine, so --group runs a third of it:
 # fast = the Triton, merge, write-path and launch files; kv_as_m = test_decode_kv_as_m.py and
-# test_fp8_decode.py; tilelang = test_decode_tilelang.py; --shard K/N runs every N-th of the
-# selected tests from the K-th on, K = 1..N, for a group that outlasts one call)
+# test_fp8_decode.py; tilelang = test_decode_tilelang.py and test_tilelang_source.py; --shard K/N
+# runs every N-th of the selected tests from the K-th on, K = 1..N, for a group that outlasts one call)
 # Writes logs and JSON under $OUT (default ./gpu_out); prints the benchmark table last.
 # FlashInfer (wheels) and TileLang (an archive) travel in .whl/ (scripts/gpu_env.sh, DESIGN.md
 # "Benchmarks"); without them the peer columns stay empty and the Triton kernel serves 64+ heads.
@@ -32,7 +32,7 @@ case "$group" in
   fast) test_files=(tests/test_gpu.py tests/test_reduce.py tests/test_batch_invariant.py tests/test_fp8_write.py
                     tests/test_launch.py tests/test_merge.py); precompile=() ;;
   kv_as_m) test_files=(tests/test_decode_kv_as_m.py tests/test_fp8_decode.py); precompile=(--set kv_as_m) ;;
-  tilelang) test_files=(tests/test_decode_tilelang.py); precompile=(--set tests) ;;
+  tilelang) test_files=(tests/test_decode_tilelang.py tests/test_tilelang_source.py); precompile=(--set tests) ;;
   *) echo "unknown --group $group (fast, kv_as_m, tilelang)"; exit 2 ;;
 esac
 if [[ -n "$shard" ]]; then

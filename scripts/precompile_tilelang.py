@@ -2,8 +2,8 @@
 from TileLang's disk cache instead of compiling one at a time (about 12 s each on the GPU
 machine). Usage: python scripts/precompile_tilelang.py [--jobs 12] [--set tests|kv_as_m]
 
-A variant is ``(schedule, heads, page, dtype, causal, block_m, ds_mla[, batched_reduce])``, as the
-GPU tests and the benchmarks plan them (read off their tables; a kernel missing here compiles in the test).
+A variant is ``(schedule, heads, page, dtype, causal, block_m, ds_mla[, batched_reduce[, converter]])``,
+as the GPU tests and the benchmarks plan them (read off their tables; a kernel missing here compiles in the test).
 """
 
 from __future__ import annotations
@@ -31,20 +31,25 @@ _ROWS64_DS_MLA = [(128, 64, True), (128, 64, False), (64, 128, True), (64, 64, F
                   (16, 64, False), (8, 128, True), (24, 64, True), (32, 64, False)]
 ROWS64 = ([(s, h, p, d, c, 64, False) for s in ("seesaw", "seesaw_split", "auto_ws") for h, p, d, c in _ROWS64_PLAIN]
           + [("seesaw", h, p, BF16, c, 64, True) for h, p, c in _ROWS64_DS_MLA])
-# kv_as_m with batched softmax reductions (``batched_reduce``, off by default):
+# kv_as_m with one softmax reduction per column (``batched_reduce=False``; batched is the default):
 # tests/test_decode_kv_as_m.py's cases and the W1 / W6 / W5 / W1h32 / W8 shapes the A/B runs time
-KV_AS_M_BATCHED = [(*KV_AS_M[i], True) for i in (0, 1, 2, 5, 14, 7, 9, 13)]
-SETS = {"kv_as_m": KV_AS_M + KV_AS_M_BATCHED, "tests": KV_AS_M + KV_AS_M_BATCHED + ROWS64}
+KV_AS_M_PER_COLUMN = [(*KV_AS_M[i], False) for i in (0, 1, 2, 5, 14, 7, 9, 13)]
+# 656-byte rows on kv_as_m with the converting warpgroup (``converter=True``, off by default):
+# test_kv_as_m_fp8_converter's cases and W8's shape
+KV_AS_M_CONVERTER = [(*KV_AS_M[i], None, True) for i in (13, 14, 15)]
+SETS = {"kv_as_m": KV_AS_M + KV_AS_M_PER_COLUMN + KV_AS_M_CONVERTER,
+        "tests": KV_AS_M + KV_AS_M_PER_COLUMN + KV_AS_M_CONVERTER + ROWS64}
 
 
 def _compile(variant: tuple) -> tuple[tuple, float, str]:
     from openmla.kernels.decode_tilelang import build_kernel
 
-    schedule, heads, page, dtype, causal, block_m, ds_mla, *batched = variant
+    schedule, heads, page, dtype, causal, block_m, ds_mla, *extra = variant
+    batched, converter = (*extra, None, None)[:2]
     t = time.time()
     try:
         build_kernel(heads, page, dtype, causal, schedule=schedule, block_m=block_m, ds_mla=ds_mla,
-                     batched_reduce=batched[0] if batched else None)
+                     batched_reduce=batched, converter=converter)
         return variant, time.time() - t, "ok"
     except Exception as exc:  # noqa: BLE001 - reported, the tests will show it again
         return variant, time.time() - t, f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -55,7 +60,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=12)
     p.add_argument("--set", default="tests", choices=sorted(SETS))
     a = p.parse_args()
-    variants = sorted(set(SETS[a.set]))
+    variants = sorted(set(SETS[a.set]), key=str)
     t = time.time()
     with ProcessPoolExecutor(a.jobs) as pool:
         for fut in as_completed([pool.submit(_compile, v) for v in variants]):

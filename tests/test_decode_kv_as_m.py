@@ -117,7 +117,7 @@ BATCHED_REDUCE_CASES = [(CASES[0], False), (CASES[2], False), (CASES[5], False),
                          ids=[("ds_mla-" if d else "") + batch_case_id(p) for p, d in BATCHED_REDUCE_CASES])
 def test_kv_as_m_batched_reduce(params: tuple, ds_mla: bool, gpu_workspace: torch.Tensor,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """The softmax's batched cross-warp reductions (``KV_AS_M_BATCHED_REDUCE``, off by default)
+    """The softmax's batched cross-warp reductions (``KV_AS_M_BATCHED_REDUCE``, on by default)
     and one reduction per column: each against the oracle, and bitwise the same output and lse
     (each column goes through the same butterfly either way)."""
     from openmla.kernels import decode_tilelang
@@ -129,4 +129,20 @@ def test_kv_as_m_batched_reduce(params: tuple, ds_mla: bool, gpu_workspace: torc
         monkeypatch.setattr(decode_tilelang, "KV_AS_M_BATCHED_REDUCE", batched)
         results.append(check(BatchMLAPagedAttentionWrapper(gpu_workspace), case, params[6],
                              expect_backend="tilelang"))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("params", DS_MLA_CASES[:3], ids=batch_case_id)
+def test_kv_as_m_fp8_converter(params: tuple, gpu_workspace: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """656-byte rows with the converting warpgroup (``KV_AS_M_FP8_CONVERTER``, off by default)
+    and with the conversion on the MMA warpgroup: each against the oracle, and bitwise the same output
+    and lse (the same bf16 tile, the same MMAs in the same order)."""
+    from openmla.kernels import decode_tilelang
+
+    case = batch_case(params, CUDA)
+    results = []
+    for converter in (False, True):
+        monkeypatch.setattr(decode_tilelang, "KV_AS_M_FP8_CONVERTER", converter)
+        results.append(run_and_check_ds_mla(BatchMLAPagedAttentionWrapper(gpu_workspace), case, params[6],
+                                            expect_backend="tilelang"))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -124,11 +124,11 @@ def test_kv_as_m_routing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_kv_as_m_batched_reduce_pin() -> None:
-    """``OPENMLA_KV_AS_M_BATCHED_REDUCE`` (read at import) turns kv_as_m's batched reductions on
-    for A/B runs; unset they stay off, and another value is refused by name."""
+    """``OPENMLA_KV_AS_M_BATCHED_REDUCE`` (read at import) turns kv_as_m's batched reductions off
+    for A/B runs (``0``); unset they stay on, and another value is refused by name."""
     from openmla.kernels.decode_tilelang import _batched_reduce_pin
 
-    assert _batched_reduce_pin(None) is False and _batched_reduce_pin("") is False
+    assert _batched_reduce_pin(None) is True and _batched_reduce_pin("") is True
     assert _batched_reduce_pin("0") is False and _batched_reduce_pin("1") is True
     for bad in ("2", "true", " 1"):
         with pytest.raises(ValueError, match="OPENMLA_KV_AS_M_BATCHED_REDUCE"):

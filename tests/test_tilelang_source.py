@@ -29,7 +29,7 @@ NON_EMPTY = re.compile(r"if \(.*work_kv_begin\[[^\n]*?\] < work_kv_end\[")
 def test_empty_range_issues_no_tma_load(schedule: str, heads: int, causal: bool, block_m: int,
                                         ds_mla: bool) -> None:
     source = decode_tilelang.build_kernel(heads, 64, "bfloat16", causal, schedule=schedule, block_m=block_m,
-                                          ds_mla=ds_mla, batched_reduce=False).get_kernel_source()
+                                          ds_mla=ds_mla).get_kernel_source()
     guard = NON_EMPTY.search(source)
     assert guard is not None, "no branch on the piece's range"
     loads = [m.start() for m in re.finditer(r"tma_load\(", source)]

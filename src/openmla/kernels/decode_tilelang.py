@@ -120,21 +120,26 @@ SCHEDULES = ("seesaw", "seesaw_split", "auto_ws")  # of the 64-row (compute-boun
 
 
 def _batched_reduce_pin(value: str | None) -> bool:
-    """``OPENMLA_KV_AS_M_BATCHED_REDUCE``: ``1`` turns kv_as_m's batched reductions on, ``0`` or
-    unset leaves them off."""
-    if value in (None, "", "0"):
+    """``OPENMLA_KV_AS_M_BATCHED_REDUCE``: ``0`` turns kv_as_m's batched reductions off (one
+    reduction per column), ``1`` or unset leaves them on."""
+    if value == "0":
         return False
-    if value == "1":
+    if value in (None, "", "1"):
         return True
     raise ValueError(f"OPENMLA_KV_AS_M_BATCHED_REDUCE must be 0 or 1, got {value!r}")
 
 
 # kv_as_m's batched softmax reductions (build_kernel's ``batched_reduce``; bitwise the same results
-# as one reduction per column). Off: faster on every workload below 64 heads (H200: W5 108.6 ->
-# 101.0 us), but 2 of 8 W5 benchmark processes hung in the batch-invariant plan's calls, cause
-# not found (docs/perf-notes.md, session 13). The env pin is read once, here (A/B runs).
+# as one reduction per column), on: faster on every workload below 64 heads (H200: W5 108.6 ->
+# 101.0 us). Two W5 benchmark processes stalled with them in session 13, before empty pieces
+# stopped leaving a TMA load in flight (178b9e3); none since in 20 processes and 340 probe
+# rounds (docs/perf-notes.md, sessions 14-15). The env pin is read once, here (A/B runs).
 KV_AS_M_BATCHED_REDUCE = _batched_reduce_pin(os.environ.get("OPENMLA_KV_AS_M_BATCHED_REDUCE"))
 KV_AS_M = "kv_as_m"  # the memory-bound kernel for few rows (_kv_as_m_func)
+# 656-byte rows on kv_as_m with a converting warpgroup beside the MMA one (kv_as_m_fp8.py;
+# build_kernel's ``converter``). Off: slower than the conversion on the MMA warpgroup's path (W8
+# kernel 180 us against 166-170, H200, session 15; perf notes); kept for A/B runs.
+KV_AS_M_FP8_CONVERTER = False
 
 
 def _slot_of(kv_indices, page_base, start, page: int):
@@ -149,7 +154,7 @@ def _schedule_name() -> str:
 def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block_n: int = BLOCK_N,
                  num_stages: int = NUM_STAGES, fast_math: bool = False, schedule: str | None = None,
                  ds_mla: bool = False, dq_early: int | None = None, block_m: int = BLOCK_M,
-                 batched_reduce: bool | None = None):
+                 batched_reduce: bool | None = None, converter: bool | None = None):
     """The compiled kernel for one (heads, page size, dtype, causal); the keyword arguments are
     tuning variants (benchmarks/bench_tilelang.py). ``schedule``: ``seesaw`` (the default;
     hand-scheduled warp specialisation: the consumer warpgroups take alternate KV blocks, so one's
@@ -174,18 +179,25 @@ def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block
         raise ValueError(f"dq_early must be in [0, {DQ_STEPS}], got {dq_early}")
     kv_as_m = schedule == KV_AS_M
     batched = bool(KV_AS_M_BATCHED_REDUCE if batched_reduce is None else batched_reduce) and kv_as_m
+    converter = bool(KV_AS_M_FP8_CONVERTER if converter is None else converter) and kv_as_m and bool(ds_mla)
     return _build_kernel(num_heads, page_size, dtype, bool(causal), block_n, num_stages, fast_math, schedule,
-                         bool(ds_mla), dq_early if ds_mla else DQ_STEPS, block_m if kv_as_m else BLOCK_M, batched)
+                         bool(ds_mla), dq_early if ds_mla else DQ_STEPS, block_m if kv_as_m else BLOCK_M, batched,
+                         converter)
 
 
 @functools.cache
 def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block_n: int,
                   num_stages: int, fast_math: bool, schedule: str, ds_mla: bool, dq_early: int,
-                  block_m: int, batched_reduce: bool = False):
+                  block_m: int, batched_reduce: bool = False, converter: bool = False):
     import tilelang
     import tilelang.language as T
 
     configs = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True} if fast_math else None
+    if schedule == KV_AS_M and ds_mla and converter:
+        from openmla.kernels.kv_as_m_fp8 import kv_as_m_converter_func
+
+        func = kv_as_m_converter_func(num_heads, page_size, dtype, causal, block_m, batched_reduce)
+        return tilelang.compile(func, target=_target(), execution_backend=_backend(), pass_configs=configs)
     if schedule == KV_AS_M:
         func = _kv_as_m_func(num_heads, page_size, dtype, causal, block_m, ds_mla, batched_reduce)
         return tilelang.compile(func, target=_target(), execution_backend=_backend(), pass_configs=configs)
@@ -1066,7 +1078,8 @@ def launch_decode_tilelang(
         return False
     # the module's batched-reduce default is part of the key, so an A/B run may flip it between calls
     key = (q_nope.shape[1], ckv_cache.shape[1], q_nope.dtype, bool(causal), ds_mla, block_m,
-           variant.get("schedule") or _schedule_name(), kv_as_m and KV_AS_M_BATCHED_REDUCE, *variant.items())
+           variant.get("schedule") or _schedule_name(), kv_as_m and KV_AS_M_BATCHED_REDUCE,
+           kv_as_m and ds_mla and KV_AS_M_FP8_CONVERTER, *variant.items())
     fn = _LAUNCH_FNS.get(key)
     if fn is None:
         dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[q_nope.dtype]

@@ -146,3 +146,19 @@ def test_kv_as_m_fp8_converter(params: tuple, gpu_workspace: torch.Tensor, monke
         results.append(run_and_check_ds_mla(BatchMLAPagedAttentionWrapper(gpu_workspace), case, params[6],
                                             expect_backend="tilelang"))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("params", [CASES[2], CASES[5]], ids=batch_case_id)
+def test_kv_as_m_split_rows(params: tuple, gpu_workspace: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """32-row tiles on two MMA warpgroups of 16 rows (``KV_AS_M_SPLIT_ROWS``, off by default) and
+    on one: each against the oracle, and bitwise the same output and lse (each row's products and
+    softmax are the same operations either way)."""
+    from openmla.kernels import decode_tilelang
+
+    case = batch_case(params, CUDA)
+    results = []
+    for split in (False, True):
+        monkeypatch.setattr(decode_tilelang, "KV_AS_M_SPLIT_ROWS", split)
+        results.append(run_and_check(BatchMLAPagedAttentionWrapper(gpu_workspace), case, params[6],
+                                     expect_backend="tilelang"))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -20,16 +20,19 @@ pytestmark = [pytest.mark.gpu,
 NON_EMPTY = re.compile(r"if \(.*work_kv_begin\[[^\n]*?\] < work_kv_end\[")
 
 
-@pytest.mark.parametrize("schedule, heads, causal, block_m, ds_mla", [
-    ("kv_as_m", 16, False, 16, False),
-    ("kv_as_m", 16, True, 32, False),
-    ("kv_as_m", 16, False, 16, True),
-    ("auto_ws", 128, True, 64, False),
-], ids=["kv_as_m-16rows", "kv_as_m-32rows-causal", "kv_as_m-ds_mla", "auto_ws"])
+@pytest.mark.parametrize("schedule, heads, causal, block_m, ds_mla, variant", [
+    ("kv_as_m", 16, False, 16, False, {}),
+    ("kv_as_m", 16, True, 32, False, {}),
+    ("kv_as_m", 16, False, 16, True, {}),
+    ("auto_ws", 128, True, 64, False, {}),
+    ("kv_as_m", 16, False, 16, True, {"converter": True}),
+    ("kv_as_m", 16, True, 32, False, {"split_rows": True}),
+], ids=["kv_as_m-16rows", "kv_as_m-32rows-causal", "kv_as_m-ds_mla", "auto_ws", "kv_as_m-ds_mla-converter",
+        "kv_as_m-32rows-split"])
 def test_empty_range_issues_no_tma_load(schedule: str, heads: int, causal: bool, block_m: int,
-                                        ds_mla: bool) -> None:
+                                        ds_mla: bool, variant: dict) -> None:
     source = decode_tilelang.build_kernel(heads, 64, "bfloat16", causal, schedule=schedule, block_m=block_m,
-                                          ds_mla=ds_mla).get_kernel_source()
+                                          ds_mla=ds_mla, **variant).get_kernel_source()
     guard = NON_EMPTY.search(source)
     assert guard is not None, "no branch on the piece's range"
     loads = [m.start() for m in re.finditer(r"tma_load\(", source)]

@@ -140,6 +140,11 @@ KV_AS_M = "kv_as_m"  # the memory-bound kernel for few rows (_kv_as_m_func)
 # build_kernel's ``converter``). Off: slower than the conversion on the MMA warpgroup's path (W8
 # kernel 180 us against 166-170, H200, session 15; perf notes); kept for A/B runs.
 KV_AS_M_FP8_CONVERTER = False
+# 32-row kv_as_m tiles (16-bit caches) on two MMA warpgroups of 16 rows each (kv_as_m_split_rows.py;
+# build_kernel's ``split_rows``). Off: slower than one warpgroup (W5 kernel 91.2 us against 83.0,
+# H200, session 15; perf notes); kept for A/B runs.
+KV_AS_M_SPLIT_ROWS = False
+BLOCK_M_SPLIT = 16
 
 
 def _slot_of(kv_indices, page_base, start, page: int):
@@ -154,7 +159,8 @@ def _schedule_name() -> str:
 def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block_n: int = BLOCK_N,
                  num_stages: int = NUM_STAGES, fast_math: bool = False, schedule: str | None = None,
                  ds_mla: bool = False, dq_early: int | None = None, block_m: int = BLOCK_M,
-                 batched_reduce: bool | None = None, converter: bool | None = None):
+                 batched_reduce: bool | None = None, converter: bool | None = None,
+                 split_rows: bool | None = None):
     """The compiled kernel for one (heads, page size, dtype, causal); the keyword arguments are
     tuning variants (benchmarks/bench_tilelang.py). ``schedule``: ``seesaw`` (the default;
     hand-scheduled warp specialisation: the consumer warpgroups take alternate KV blocks, so one's
@@ -180,19 +186,27 @@ def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block
     kv_as_m = schedule == KV_AS_M
     batched = bool(KV_AS_M_BATCHED_REDUCE if batched_reduce is None else batched_reduce) and kv_as_m
     converter = bool(KV_AS_M_FP8_CONVERTER if converter is None else converter) and kv_as_m and bool(ds_mla)
+    split_rows = (bool(KV_AS_M_SPLIT_ROWS if split_rows is None else split_rows) and kv_as_m and not ds_mla
+                  and block_m == 2 * BLOCK_M_SPLIT)
     return _build_kernel(num_heads, page_size, dtype, bool(causal), block_n, num_stages, fast_math, schedule,
                          bool(ds_mla), dq_early if ds_mla else DQ_STEPS, block_m if kv_as_m else BLOCK_M, batched,
-                         converter)
+                         converter, split_rows)
 
 
 @functools.cache
 def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block_n: int,
                   num_stages: int, fast_math: bool, schedule: str, ds_mla: bool, dq_early: int,
-                  block_m: int, batched_reduce: bool = False, converter: bool = False):
+                  block_m: int, batched_reduce: bool = False, converter: bool = False, split_rows: bool = False):
     import tilelang
     import tilelang.language as T
 
     configs = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True} if fast_math else None
+    if schedule == KV_AS_M and not ds_mla and block_m == 2 * BLOCK_M_SPLIT and split_rows:
+        from openmla.kernels.kv_as_m_split_rows import separate_reduce_barriers, split_rows_func
+
+        tilelang.register_cuda_postproc(separate_reduce_barriers)
+        func = split_rows_func(num_heads, page_size, dtype, causal, batched_reduce)
+        return tilelang.compile(func, target=_target(), execution_backend=_backend(), pass_configs=configs)
     if schedule == KV_AS_M and ds_mla and converter:
         from openmla.kernels.kv_as_m_fp8 import kv_as_m_converter_func
 
@@ -1079,7 +1093,7 @@ def launch_decode_tilelang(
     # the module's batched-reduce default is part of the key, so an A/B run may flip it between calls
     key = (q_nope.shape[1], ckv_cache.shape[1], q_nope.dtype, bool(causal), ds_mla, block_m,
            variant.get("schedule") or _schedule_name(), kv_as_m and KV_AS_M_BATCHED_REDUCE,
-           kv_as_m and ds_mla and KV_AS_M_FP8_CONVERTER, *variant.items())
+           kv_as_m and ds_mla and KV_AS_M_FP8_CONVERTER, kv_as_m and KV_AS_M_SPLIT_ROWS, *variant.items())
     fn = _LAUNCH_FNS.get(key)
     if fn is None:
         dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[q_nope.dtype]

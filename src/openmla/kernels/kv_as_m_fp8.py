@@ -22,6 +22,10 @@ landed), ``conv_full[b]`` (the converter's tile written and fenced for the async
 ``empty[b]`` (warpgroup 0's products on tile ``b`` completed). Same arguments and contract as
 ``_kv_as_m_func(ds_mla=True)``: ``KV`` the e4m3 view of the rows' codes (scales at byte 512 of each
 row), ``KPE`` the bf16 view of their last 144 bytes (scales as 8 bf16, then the rope).
+
+Measured slower than the default (W8 kernel 180 us against 166-170, H200, session 15): the block's
+shared-memory traffic, not the conversion's latency, bounds it (docs/perf-notes.md). Off by
+default (``decode_tilelang.KV_AS_M_FP8_CONVERTER``); kept for A/B runs.
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the kernel's annotations.
@@ -33,11 +37,11 @@ from openmla.kernels.decode_tilelang import (
     DQ_STEPS,
     DS_MLA_SCALES_AT,
     DS_MLA_TAIL,
-    LN2,
     _no_keys_store,
     _shape_vars,
     _slot_of,
 )
+from openmla.kernels.kv_as_m_ws import mma_block, store_rows
 
 THREADS = 384  # MMA, converter, producer warpgroups
 MMA_REGS, CONVERTER_REGS, PRODUCER_REGS = 240, 240, 24
@@ -50,9 +54,9 @@ def kv_as_m_converter_func(num_heads: int, page_size: int, dtype: str, causal: b
     H, PAGE, BM, BN = num_heads, page_size, block_m, BLOCK_N
     HALF = D_CKV // 2
     acc = "float32"
-    red_batch = BM // 4 if batched_reduce else 1
     rows, slots, n_idx, batch1, batch, work, part_rows, s_qn, s_qp, s_kv, s_kpe, s_o = _shape_vars()
     no_keys = _no_keys_store(BM, dtype)
+    store = store_rows(BM, 0, batched_reduce, dtype)
     rope_at = DS_MLA_TAIL - D_KPE  # the rope's first bf16 in a KPE row
 
     STEPS_HALF = DQ_STEPS // 2  # a half block: tokens [0, 32) or [32, 64)
@@ -129,35 +133,18 @@ def kv_as_m_converter_func(num_heads: int, page_size: int, dtype: str, causal: b
 
         return load_rope
 
+    block = mma_block(BM, 0, H, causal, batched_reduce, dtype, zero_tail=False)  # the converter zeroes
+
     def attend_block(b: int):
-        """The MMA warpgroup's block ``k`` (round ``i`` of tile ``b``), as ``_kv_as_m_func``'s loop body."""
+        """The MMA warpgroup's block ``k`` (round ``i`` of tile ``b``)."""
 
         @T.macro
         def attend(k, i, kv_s, kpe_s, q_s, qp_s, p_s, rope_full, conv_full, empty, s_t, o_t, m_i, m_prev,
                    alpha, l_t, kv_begin, kv_end, shift, rq0, scale_log2):
-            start = kv_begin + k * BN
             T.barrier_wait(rope_full[b], i & 1)
             T.barrier_wait(conv_full[b], i & 1)
-            T.gemm(kv_s, q_s, s_t, transpose_B=True, clear_accum=True)
-            T.gemm(kpe_s, qp_s, s_t, transpose_B=True)
-            for j, r in T.Parallel(BN, BM):
-                if causal:
-                    last = T.min(kv_end - 1, shift + (rq0 + r) // H)
-                else:
-                    last = kv_end - 1
-                s_t[j, r] = T.if_then_else(start + j <= last, s_t[j, r] * scale_log2, -T.infinity(acc))
-            T.copy(m_i, m_prev)
-            T.reduce_max(s_t, m_i, dim=0, clear=False, batch=red_batch)
-            for r in T.Parallel(BM):
-                alpha[r] = T.exp2(m_prev[r] - T.if_then_else(m_i[r] == -T.infinity(acc), 0, m_i[r]))
-            for j, r in T.Parallel(BN, BM):
-                s_t[j, r] = T.exp2(s_t[j, r] - T.if_then_else(m_i[r] == -T.infinity(acc), 0, m_i[r]))
-                # the row sums are reduced across threads once, after the loop
-                l_t[j, r] = l_t[j, r] * alpha[r] + s_t[j, r]
-            T.copy(s_t, p_s)
-            for c, r in T.Parallel(D_CKV, BM):
-                o_t[c, r] *= alpha[r]
-            T.gemm(kv_s, p_s, o_t, transpose_A=True)
+            block(kv_s, kpe_s, q_s, qp_s, p_s, s_t, o_t, m_i, m_prev, alpha, l_t, kv_begin + k * BN, kv_end, shift,
+                  rq0, scale_log2)
             T.barrier_arrive(empty[b])
 
         return attend
@@ -251,25 +238,7 @@ def kv_as_m_converter_func(num_heads: int, page_size: int, dtype: str, causal: b
                                s_t, o_t, m_i, m_prev, alpha, l_t, kv_begin, kv_end, shift, rq0, scale_log2)
                         attend1(2 * i + 1, i, kv1, kpe1, q_s, qp_s, p_s, rope_full, conv_full, empty,
                                s_t, o_t, m_i, m_prev, alpha, l_t, kv_begin, kv_end, shift, rq0, scale_log2)
-                    T.reduce_sum(l_t, l_i, dim=0, batch=red_batch)
-                    for c, r in T.Parallel(D_CKV, BM):
-                        o_t[c, r] = o_t[c, r] / T.if_then_else(l_i[r] > 0, l_i[r], 1)
-                    for r in T.Parallel(BM):
-                        lse_f[r] = T.if_then_else(l_i[r] > 0, (m_i[r] + T.log2(l_i[r])) * LN2, -T.infinity(acc))
-                    if part_row < 0:
-                        for r, c in T.Parallel(BM, D_CKV):
-                            if r < valid:
-                                Out[row0 + r, c] = T.cast(o_t[c, r], dtype)
-                        for r in T.Parallel(BM):
-                            if r < valid:
-                                Lse[row0 + r] = lse_f[r]
-                    else:
-                        for r, c in T.Parallel(BM, D_CKV):
-                            if r < valid:
-                                PartO[part_row + rq0 + r, c] = o_t[c, r]
-                        for r in T.Parallel(BM):
-                            if r < valid:
-                                PartLse[part_row + rq0 + r] = lse_f[r]
+                    store(l_t, l_i, o_t, m_i, lse_f, Out, Lse, PartO, PartLse, row0, rq0, part_row, valid)
                 elif tx < 256:
                     T.set_max_nreg(CONVERTER_REGS, 1)
                     nslot[0] = _slot_of(kv_indices, page_base, kv_begin, PAGE)

@@ -1,0 +1,80 @@
+"""What the explicitly warp-specialised ``kv_as_m`` variants (``kv_as_m_fp8``,
+``kv_as_m_split_rows``) share: an MMA warpgroup's work on one staged 64-token block, and its rows'
+output. The arithmetic is ``_kv_as_m_func``'s loop body and epilogue, for ``rows`` of the tile
+starting at its row ``first``."""
+
+from openmla.kernels.decode_tilelang import BLOCK_N, D_CKV, LN2
+
+
+def mma_block(rows: int, first: int, num_heads: int, causal: bool, batched_reduce: bool, dtype: str,
+              zero_tail: bool):
+    """The block at request-local token ``start``: ``S^T = K Q^T``, the masked online softmax over
+    its tokens, ``O^T += V^T P^T``. ``zero_tail``: zero the staged tile's rows past ``kv_end``
+    first (a TMA-loaded tile; unused slots may hold NaN, and ``0 * NaN`` would reach the output)."""
+    import tilelang.language as T
+
+    BN, acc = BLOCK_N, "float32"
+    red_batch = rows // 4 if batched_reduce else 1
+
+    @T.macro
+    def block(kv_s, kpe_s, q_s, qp_s, p_s, s_t, o_t, m_i, m_prev, alpha, l_t, start, kv_end, shift, rq0,
+              scale_log2):
+        T.gemm(kv_s, q_s, s_t, transpose_B=True, clear_accum=True)
+        T.gemm(kpe_s, qp_s, s_t, transpose_B=True)
+        for j, r in T.Parallel(BN, rows):
+            if causal:
+                last = T.min(kv_end - 1, shift + (rq0 + first + r) // num_heads)
+            else:
+                last = kv_end - 1
+            s_t[j, r] = T.if_then_else(start + j <= last, s_t[j, r] * scale_log2, -T.infinity(acc))
+        T.copy(m_i, m_prev)
+        T.reduce_max(s_t, m_i, dim=0, clear=False, batch=red_batch)
+        for r in T.Parallel(rows):
+            alpha[r] = T.exp2(m_prev[r] - T.if_then_else(m_i[r] == -T.infinity(acc), 0, m_i[r]))
+        for j, r in T.Parallel(BN, rows):
+            s_t[j, r] = T.exp2(s_t[j, r] - T.if_then_else(m_i[r] == -T.infinity(acc), 0, m_i[r]))
+            # the row sums are reduced across threads once, after the loop
+            l_t[j, r] = l_t[j, r] * alpha[r] + s_t[j, r]
+        T.copy(s_t, p_s)
+        if zero_tail and start + BN > kv_end:
+            for j, c in T.Parallel(BN, D_CKV):
+                if start + j >= kv_end:
+                    kv_s[j, c] = T.cast(0, dtype)
+        for c, r in T.Parallel(D_CKV, rows):
+            o_t[c, r] *= alpha[r]
+        T.gemm(kv_s, p_s, o_t, transpose_A=True)
+
+    return block
+
+
+def store_rows(rows: int, first: int, batched_reduce: bool, dtype: str):
+    """The rows' normalised output and lse, to ``Out``/``Lse`` (an unsplit request) or to the
+    piece's partial rows; rows from ``valid`` on (past the request's) are not stored."""
+    import tilelang.language as T
+
+    acc = "float32"
+    red_batch = rows // 4 if batched_reduce else 1
+
+    @T.macro
+    def store(l_t, l_i, o_t, m_i, lse_f, Out, Lse, PartO, PartLse, row0, rq0, part_row, valid):
+        T.reduce_sum(l_t, l_i, dim=0, batch=red_batch)
+        for c, r in T.Parallel(D_CKV, rows):
+            o_t[c, r] = o_t[c, r] / T.if_then_else(l_i[r] > 0, l_i[r], 1)
+        for r in T.Parallel(rows):
+            lse_f[r] = T.if_then_else(l_i[r] > 0, (m_i[r] + T.log2(l_i[r])) * LN2, -T.infinity(acc))
+        if part_row < 0:
+            for r, c in T.Parallel(rows, D_CKV):
+                if first + r < valid:
+                    Out[row0 + first + r, c] = T.cast(o_t[c, r], dtype)
+            for r in T.Parallel(rows):
+                if first + r < valid:
+                    Lse[row0 + first + r] = lse_f[r]
+        else:
+            for r, c in T.Parallel(rows, D_CKV):
+                if first + r < valid:
+                    PartO[part_row + rq0 + first + r, c] = o_t[c, r]
+            for r in T.Parallel(rows):
+                if first + r < valid:
+                    PartLse[part_row + rq0 + first + r] = lse_f[r]
+
+    return store

@@ -110,6 +110,20 @@ def test_kv_as_m_ds_mla_batch_invariant(gpu_workspace: torch.Tensor) -> None:
     assert torch.equal(out[row], ref_out[0]) and torch.equal(lse[row], ref_lse[0])
 
 
+def _same_bits_either_way(attr: str, params: tuple, check, gpu_workspace: torch.Tensor,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The case with the kernel-module default ``attr`` off, then on: each against the oracle
+    (``check``), and bitwise the same output and lse."""
+    from openmla.kernels import decode_tilelang
+
+    case = batch_case(params, CUDA)
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(decode_tilelang, attr, on)
+        results.append(check(BatchMLAPagedAttentionWrapper(gpu_workspace), case, params[6], expect_backend="tilelang"))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 BATCHED_REDUCE_CASES = [(CASES[0], False), (CASES[2], False), (CASES[5], False), (DS_MLA_CASES[1], True)]
 
 
@@ -120,16 +134,8 @@ def test_kv_as_m_batched_reduce(params: tuple, ds_mla: bool, gpu_workspace: torc
     """The softmax's batched cross-warp reductions (``KV_AS_M_BATCHED_REDUCE``, on by default)
     and one reduction per column: each against the oracle, and bitwise the same output and lse
     (each column goes through the same butterfly either way)."""
-    from openmla.kernels import decode_tilelang
-
-    case = batch_case(params, CUDA)
-    check = run_and_check_ds_mla if ds_mla else run_and_check
-    results = []
-    for batched in (False, True):
-        monkeypatch.setattr(decode_tilelang, "KV_AS_M_BATCHED_REDUCE", batched)
-        results.append(check(BatchMLAPagedAttentionWrapper(gpu_workspace), case, params[6],
-                             expect_backend="tilelang"))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    _same_bits_either_way("KV_AS_M_BATCHED_REDUCE", params, run_and_check_ds_mla if ds_mla else run_and_check,
+                          gpu_workspace, monkeypatch)
 
 
 @pytest.mark.parametrize("params", DS_MLA_CASES[:3], ids=batch_case_id)
@@ -137,15 +143,7 @@ def test_kv_as_m_fp8_converter(params: tuple, gpu_workspace: torch.Tensor, monke
     """656-byte rows with the converting warpgroup (``KV_AS_M_FP8_CONVERTER``, off by default)
     and with the conversion on the MMA warpgroup: each against the oracle, and bitwise the same output
     and lse (the same bf16 tile, the same MMAs in the same order)."""
-    from openmla.kernels import decode_tilelang
-
-    case = batch_case(params, CUDA)
-    results = []
-    for converter in (False, True):
-        monkeypatch.setattr(decode_tilelang, "KV_AS_M_FP8_CONVERTER", converter)
-        results.append(run_and_check_ds_mla(BatchMLAPagedAttentionWrapper(gpu_workspace), case, params[6],
-                                            expect_backend="tilelang"))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    _same_bits_either_way("KV_AS_M_FP8_CONVERTER", params, run_and_check_ds_mla, gpu_workspace, monkeypatch)
 
 
 @pytest.mark.parametrize("params", [CASES[2], CASES[5]], ids=batch_case_id)
@@ -153,12 +151,4 @@ def test_kv_as_m_split_rows(params: tuple, gpu_workspace: torch.Tensor, monkeypa
     """32-row tiles on two MMA warpgroups of 16 rows (``KV_AS_M_SPLIT_ROWS``, off by default) and
     on one: each against the oracle, and bitwise the same output and lse (each row's products and
     softmax are the same operations either way)."""
-    from openmla.kernels import decode_tilelang
-
-    case = batch_case(params, CUDA)
-    results = []
-    for split in (False, True):
-        monkeypatch.setattr(decode_tilelang, "KV_AS_M_SPLIT_ROWS", split)
-        results.append(run_and_check(BatchMLAPagedAttentionWrapper(gpu_workspace), case, params[6],
-                                     expect_backend="tilelang"))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    _same_bits_either_way("KV_AS_M_SPLIT_ROWS", params, run_and_check, gpu_workspace, monkeypatch)

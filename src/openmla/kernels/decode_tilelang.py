@@ -144,7 +144,7 @@ KV_AS_M_FP8_CONVERTER = False
 # build_kernel's ``split_rows``). Off: slower than one warpgroup (W5 kernel 91.2 us against 83.0,
 # H200, session 15; perf notes); kept for A/B runs.
 KV_AS_M_SPLIT_ROWS = False
-BLOCK_M_SPLIT = 16
+KV_AS_M_SPLIT_BLOCK_M = 32  # the tiles split_rows applies to
 
 
 def _slot_of(kv_indices, page_base, start, page: int):
@@ -187,7 +187,7 @@ def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block
     batched = bool(KV_AS_M_BATCHED_REDUCE if batched_reduce is None else batched_reduce) and kv_as_m
     converter = bool(KV_AS_M_FP8_CONVERTER if converter is None else converter) and kv_as_m and bool(ds_mla)
     split_rows = (bool(KV_AS_M_SPLIT_ROWS if split_rows is None else split_rows) and kv_as_m and not ds_mla
-                  and block_m == 2 * BLOCK_M_SPLIT)
+                  and block_m == KV_AS_M_SPLIT_BLOCK_M)
     return _build_kernel(num_heads, page_size, dtype, bool(causal), block_n, num_stages, fast_math, schedule,
                          bool(ds_mla), dq_early if ds_mla else DQ_STEPS, block_m if kv_as_m else BLOCK_M, batched,
                          converter, split_rows)
@@ -201,13 +201,14 @@ def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
     import tilelang.language as T
 
     configs = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True} if fast_math else None
-    if schedule == KV_AS_M and not ds_mla and block_m == 2 * BLOCK_M_SPLIT and split_rows:
+    # (build_kernel keeps converter / split_rows only where they apply)
+    if split_rows:
         from openmla.kernels.kv_as_m_split_rows import separate_reduce_barriers, split_rows_func
 
         tilelang.register_cuda_postproc(separate_reduce_barriers)
         func = split_rows_func(num_heads, page_size, dtype, causal, batched_reduce)
         return tilelang.compile(func, target=_target(), execution_backend=_backend(), pass_configs=configs)
-    if schedule == KV_AS_M and ds_mla and converter:
+    if converter:
         from openmla.kernels.kv_as_m_fp8 import kv_as_m_converter_func
 
         func = kv_as_m_converter_func(num_heads, page_size, dtype, causal, block_m, batched_reduce)

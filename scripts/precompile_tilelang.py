@@ -3,7 +3,7 @@ from TileLang's disk cache instead of compiling one at a time (about 12 s each o
 machine). Usage: python scripts/precompile_tilelang.py [--jobs 12] [--set tests|kv_as_m]
 
 A variant is ``(schedule, heads, page, dtype, causal, block_m, ds_mla[, batched_reduce[, converter[,
-split_rows]]])``, as the GPU tests and the benchmarks plan them (read off their tables; a kernel
+split_rows[, num_stages]]]])``, as the GPU tests and the benchmarks plan them (read off their tables; a kernel
 missing here compiles in the test).
 """
 
@@ -41,19 +41,22 @@ KV_AS_M_CONVERTER = [(*KV_AS_M[i], None, True) for i in (13, 14, 15)]
 # 32-row kv_as_m tiles on two MMA warpgroups (``split_rows=True``, off by default):
 # test_kv_as_m_split_rows's cases and the W5 / W1h32 shapes
 KV_AS_M_SPLIT = [(*KV_AS_M[i], None, None, True) for i in (2, 5, 7, 9)]
-SETS = {"kv_as_m": KV_AS_M + KV_AS_M_PER_COLUMN + KV_AS_M_CONVERTER + KV_AS_M_SPLIT,
-        "tests": KV_AS_M + KV_AS_M_PER_COLUMN + KV_AS_M_CONVERTER + KV_AS_M_SPLIT + ROWS64}
+# 656-byte rows at 16-row tiles in two TMA stages (three by default): test_kv_as_m_ds_mla_stages's
+# cases and W8's shape
+KV_AS_M_TWO_STAGES = [(*KV_AS_M[i], None, None, None, 2) for i in (13, 16, 17)]
+_KV_AS_M_ALL = KV_AS_M + KV_AS_M_PER_COLUMN + KV_AS_M_CONVERTER + KV_AS_M_SPLIT + KV_AS_M_TWO_STAGES
+SETS = {"kv_as_m": _KV_AS_M_ALL, "tests": _KV_AS_M_ALL + ROWS64}
 
 
 def _compile(variant: tuple) -> tuple[tuple, float, str]:
     from openmla.kernels.decode_tilelang import build_kernel
 
     schedule, heads, page, dtype, causal, block_m, ds_mla, *extra = variant
-    batched, converter, split_rows = (*extra, None, None, None)[:3]
+    batched, converter, split_rows, stages = (*extra, None, None, None, None)[:4]
     t = time.time()
     try:
         build_kernel(heads, page, dtype, causal, schedule=schedule, block_m=block_m, ds_mla=ds_mla,
-                     batched_reduce=batched, converter=converter, split_rows=split_rows)
+                     batched_reduce=batched, converter=converter, split_rows=split_rows, num_stages=stages)
         return variant, time.time() - t, "ok"
     except Exception as exc:  # noqa: BLE001 - reported, the tests will show it again
         return variant, time.time() - t, f"{type(exc).__name__}: {str(exc)[:200]}"

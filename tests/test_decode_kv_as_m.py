@@ -111,17 +111,17 @@ def test_kv_as_m_ds_mla_batch_invariant(gpu_workspace: torch.Tensor) -> None:
 
 
 def _same_bits_either_way(attr: str, params: tuple, check, gpu_workspace: torch.Tensor,
-                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """The case with the kernel-module default ``attr`` off, then on: each against the oracle
-    (``check``), and bitwise the same output and lse."""
+                          monkeypatch: pytest.MonkeyPatch, values: tuple = (False, True)) -> None:
+    """The case with the kernel-module default ``attr`` at each of ``values`` (off, then on): each
+    against the oracle (``check``), and bitwise the same output and lse."""
     from openmla.kernels import decode_tilelang
 
     case = batch_case(params, CUDA)
     results = []
-    for on in (False, True):
-        monkeypatch.setattr(decode_tilelang, attr, on)
+    for value in values:
+        monkeypatch.setattr(decode_tilelang, attr, value)
         results.append(check(BatchMLAPagedAttentionWrapper(gpu_workspace), case, params[6], expect_backend="tilelang"))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert all(torch.equal(r[0], results[0][0]) and torch.equal(r[1], results[0][1]) for r in results[1:])
 
 
 BATCHED_REDUCE_CASES = [(CASES[0], False), (CASES[2], False), (CASES[5], False), (DS_MLA_CASES[1], True)]
@@ -144,6 +144,15 @@ def test_kv_as_m_fp8_converter(params: tuple, gpu_workspace: torch.Tensor, monke
     and with the conversion on the MMA warpgroup: each against the oracle, and bitwise the same output
     and lse (the same bf16 tile, the same MMAs in the same order)."""
     _same_bits_either_way("KV_AS_M_FP8_CONVERTER", params, run_and_check_ds_mla, gpu_workspace, monkeypatch)
+
+
+@pytest.mark.parametrize("params", [DS_MLA_CASES[0], DS_MLA_CASES[3], DS_MLA_CASES[4]], ids=batch_case_id)
+def test_kv_as_m_ds_mla_stages(params: tuple, gpu_workspace: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """656-byte rows at 16-row tiles in two and three TMA stages (``KV_AS_M_DS_MLA_STAGES``, three
+    by default): each against the oracle, and bitwise the same output and lse (the stage count
+    changes when a block lands, not what is computed from it)."""
+    _same_bits_either_way("KV_AS_M_DS_MLA_STAGES", params, run_and_check_ds_mla, gpu_workspace, monkeypatch,
+                          values=(2, 3))
 
 
 @pytest.mark.parametrize("params", [CASES[2], CASES[5]], ids=batch_case_id)

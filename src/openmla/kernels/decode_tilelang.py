@@ -145,6 +145,12 @@ KV_AS_M_FP8_CONVERTER = False
 # H200, session 15; perf notes); kept for A/B runs.
 KV_AS_M_SPLIT_ROWS = False
 KV_AS_M_SPLIT_BLOCK_M = 32  # the tiles split_rows applies to
+# Stages of kv_as_m's TMA loads over 656-byte rows at 16-row tiles (build_kernel's default
+# ``num_stages`` there): 41 KB each (codes, scales, rope), three come to 218 KB of shared memory
+# with the bf16 tile and Q (32-row tiles, with twice the Q, keep two; so do 16-bit caches, 72 KB
+# a stage). Three: W8 kernel 160.5 us against 170.1 with two (H200, session 16; perf notes).
+KV_AS_M_DS_MLA_STAGES = 3
+KV_AS_M_DS_MLA_STAGE_BLOCK_M = 16  # the tiles KV_AS_M_DS_MLA_STAGES applies to
 
 
 def _slot_of(kv_indices, page_base, start, page: int):
@@ -157,7 +163,7 @@ def _schedule_name() -> str:
 
 
 def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block_n: int = BLOCK_N,
-                 num_stages: int = NUM_STAGES, fast_math: bool = False, schedule: str | None = None,
+                 num_stages: int | None = None, fast_math: bool = False, schedule: str | None = None,
                  ds_mla: bool = False, dq_early: int | None = None, block_m: int = BLOCK_M,
                  batched_reduce: bool | None = None, converter: bool | None = None,
                  split_rows: bool | None = None):
@@ -168,6 +174,8 @@ def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block
     a barrier per third of a KV block, so S = Q K^T starts on the first third while the rest lands)
     or ``auto_ws`` (TileLang's automatic warp specialisation, softmax between the MMAs; the only
     one that takes other ``block_n`` / ``num_stages``); None reads ``OPENMLA_TILELANG_SCHEDULE``.
+    ``num_stages`` None: two, but ``KV_AS_M_DS_MLA_STAGES`` for ``kv_as_m`` over 656-byte rows at
+    16-row tiles, the one ``kv_as_m`` kernel that also takes three.
     ``ds_mla``: the cache is 656-byte fp8 rows (``seesaw`` only, bf16 queries); ``dq_early``: how
     many of its 16 dequantisation steps run before the P V they follow is issued (default
     ``DQ_EARLY``); ``batched_reduce`` (``kv_as_m``; default ``KV_AS_M_BATCHED_REDUCE``): the
@@ -188,6 +196,11 @@ def build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, block
     converter = bool(KV_AS_M_FP8_CONVERTER if converter is None else converter) and kv_as_m and bool(ds_mla)
     split_rows = (bool(KV_AS_M_SPLIT_ROWS if split_rows is None else split_rows) and kv_as_m and not ds_mla
                   and block_m == KV_AS_M_SPLIT_BLOCK_M)
+    staged = kv_as_m and ds_mla and block_m == KV_AS_M_DS_MLA_STAGE_BLOCK_M and not converter
+    if num_stages is None:
+        num_stages = KV_AS_M_DS_MLA_STAGES if staged else NUM_STAGES
+    if kv_as_m and num_stages not in ((NUM_STAGES, 3) if staged else (NUM_STAGES,)):
+        raise ValueError(f"num_stages {num_stages} does not fit this kv_as_m kernel's shared memory")
     return _build_kernel(num_heads, page_size, dtype, bool(causal), block_n, num_stages, fast_math, schedule,
                          bool(ds_mla), dq_early if ds_mla else DQ_STEPS, block_m if kv_as_m else BLOCK_M, batched,
                          converter, split_rows)
@@ -214,7 +227,7 @@ def _build_kernel(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
         func = kv_as_m_converter_func(num_heads, page_size, dtype, causal, block_m, batched_reduce)
         return tilelang.compile(func, target=_target(), execution_backend=_backend(), pass_configs=configs)
     if schedule == KV_AS_M:
-        func = _kv_as_m_func(num_heads, page_size, dtype, causal, block_m, ds_mla, batched_reduce)
+        func = _kv_as_m_func(num_heads, page_size, dtype, causal, block_m, ds_mla, batched_reduce, num_stages)
         return tilelang.compile(func, target=_target(), execution_backend=_backend(), pass_configs=configs)
     if schedule in ("seesaw", "seesaw_split"):
         if block_n != BLOCK_N or num_stages != NUM_STAGES:
@@ -376,7 +389,7 @@ def _no_keys_store(block_m: int, dtype: str):
 
 
 def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, block_m: int,
-                  ds_mla: bool = False, batched_reduce: bool = False):
+                  ds_mla: bool = False, batched_reduce: bool = False, num_stages: int = NUM_STAGES):
     """The memory-bound kernel for few rows: the KV tokens are the products' M dimension,
     ``S^T = K Q^T`` [64, block_m] and ``O^T += V^T P^T`` [512, block_m], so a request's 4-32
     rows cost no padded MMA work (wgmma N = block_m), and one consumer warpgroup streams the
@@ -469,7 +482,7 @@ def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
                 T.fill(m_i, -T.infinity(acc))
 
                 n_blocks = T.ceildiv(kv_end - kv_begin, BN)
-                for k in T.Pipelined(n_blocks, num_stages=NUM_STAGES):
+                for k in T.Pipelined(n_blocks, num_stages=num_stages):
                     start = kv_begin + k * BN
                     slot0 = _slot_of(kv_indices, page_base, start, PAGE)
                     if ds_mla:
@@ -1094,7 +1107,8 @@ def launch_decode_tilelang(
     # the module's batched-reduce default is part of the key, so an A/B run may flip it between calls
     key = (q_nope.shape[1], ckv_cache.shape[1], q_nope.dtype, bool(causal), ds_mla, block_m,
            variant.get("schedule") or _schedule_name(), kv_as_m and KV_AS_M_BATCHED_REDUCE,
-           kv_as_m and ds_mla and KV_AS_M_FP8_CONVERTER, kv_as_m and KV_AS_M_SPLIT_ROWS, *variant.items())
+           kv_as_m and ds_mla and KV_AS_M_FP8_CONVERTER, kv_as_m and KV_AS_M_SPLIT_ROWS,
+           kv_as_m and ds_mla and KV_AS_M_DS_MLA_STAGES, *variant.items())
     fn = _LAUNCH_FNS.get(key)
     if fn is None:
         dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[q_nope.dtype]

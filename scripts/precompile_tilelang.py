@@ -3,8 +3,8 @@ from TileLang's disk cache instead of compiling one at a time (about 12 s each o
 machine). Usage: python scripts/precompile_tilelang.py [--jobs 12] [--set tests|kv_as_m]
 
 A variant is ``(schedule, heads, page, dtype, causal, block_m, ds_mla[, batched_reduce[, converter[,
-split_rows[, num_stages]]]])``, as the GPU tests and the benchmarks plan them (read off their tables; a kernel
-missing here compiles in the test).
+split_rows[, num_stages]]]])``, as the GPU tests and the benchmarks plan them (read off their
+tables; a kernel missing here compiles in the test).
 """
 
 from __future__ import annotations

@@ -388,6 +388,39 @@ def _no_keys_store(block_m: int, dtype: str):
     return store
 
 
+def kv_as_m_store_rows(rows: int, first: int, batched_reduce: bool, dtype: str):
+    """The rows' normalised output and lse, to ``Out``/``Lse`` (an unsplit request) or to the
+    piece's partial rows; rows from ``valid`` on (past the request's) are not stored."""
+    import tilelang.language as T
+
+    acc = "float32"
+    red_batch = rows // 4 if batched_reduce else 1
+
+    @T.macro
+    def store(l_t, l_i, o_t, m_i, lse_f, Out, Lse, PartO, PartLse, row0, rq0, part_row, valid):
+        T.reduce_sum(l_t, l_i, dim=0, batch=red_batch)
+        for c, r in T.Parallel(D_CKV, rows):
+            o_t[c, r] = o_t[c, r] / T.if_then_else(l_i[r] > 0, l_i[r], 1)
+        for r in T.Parallel(rows):
+            lse_f[r] = T.if_then_else(l_i[r] > 0, (m_i[r] + T.log2(l_i[r])) * LN2, -T.infinity(acc))
+        if part_row < 0:
+            for r, c in T.Parallel(rows, D_CKV):
+                if first + r < valid:
+                    Out[row0 + first + r, c] = T.cast(o_t[c, r], dtype)
+            for r in T.Parallel(rows):
+                if first + r < valid:
+                    Lse[row0 + first + r] = lse_f[r]
+        else:
+            for r, c in T.Parallel(rows, D_CKV):
+                if first + r < valid:
+                    PartO[part_row + rq0 + first + r, c] = o_t[c, r]
+            for r in T.Parallel(rows):
+                if first + r < valid:
+                    PartLse[part_row + rq0 + first + r] = lse_f[r]
+
+    return store
+
+
 def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, block_m: int,
                   ds_mla: bool = False, batched_reduce: bool = False, num_stages: int = NUM_STAGES):
     """The memory-bound kernel for few rows: the KV tokens are the products' M dimension,
@@ -413,6 +446,7 @@ def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
     kv_dtype = "float8_e4m3fn" if ds_mla else dtype
     kpe_width = DS_MLA_TAIL if ds_mla else D_KPE
     no_keys = _no_keys_store(BM, dtype)
+    store = kv_as_m_store_rows(BM, 0, batched_reduce, dtype)
 
     @T.prim_func
     def decode(
@@ -539,26 +573,7 @@ def _kv_as_m_func(num_heads: int, page_size: int, dtype: str, causal: bool, bloc
                         o_t[c, i] *= alpha[i]
                     T.gemm(kv_s, p_s, o_t, transpose_A=True)
 
-                T.reduce_sum(l_t, l_i, dim=0, batch=red_batch)
-
-                for c, i in T.Parallel(D_CKV, BM):
-                    o_t[c, i] = o_t[c, i] / T.if_then_else(l_i[i] > 0, l_i[i], 1)
-                for i in T.Parallel(BM):
-                    lse_f[i] = T.if_then_else(l_i[i] > 0, (m_i[i] + T.log2(l_i[i])) * LN2, -T.infinity(acc))
-                if part_row < 0:
-                    for i, c in T.Parallel(BM, D_CKV):
-                        if i < valid:
-                            Out[row0 + i, c] = T.cast(o_t[c, i], dtype)
-                    for i in T.Parallel(BM):
-                        if i < valid:
-                            Lse[row0 + i] = lse_f[i]
-                else:
-                    for i, c in T.Parallel(BM, D_CKV):
-                        if i < valid:
-                            PartO[part_row + rq0 + i, c] = o_t[c, i]
-                    for i in T.Parallel(BM):
-                        if i < valid:
-                            PartLse[part_row + rq0 + i] = lse_f[i]
+                store(l_t, l_i, o_t, m_i, lse_f, Out, Lse, PartO, PartLse, row0, rq0, part_row, valid)
             elif i_b >= 0 and i_m * BM < qo_len * H:
                 no_keys(Out, Lse, PartO, PartLse, q_begin * H + i_m * BM, i_m * BM, work_part_row[i_w],
                         qo_len * H - i_m * BM)

@@ -40,8 +40,9 @@ from openmla.kernels.decode_tilelang import (
     _no_keys_store,
     _shape_vars,
     _slot_of,
+    kv_as_m_store_rows,
 )
-from openmla.kernels.kv_as_m_ws import mma_block, store_rows
+from openmla.kernels.kv_as_m_ws import mma_block
 
 THREADS = 384  # MMA, converter, producer warpgroups
 MMA_REGS, CONVERTER_REGS, PRODUCER_REGS = 240, 240, 24
@@ -56,7 +57,7 @@ def kv_as_m_converter_func(num_heads: int, page_size: int, dtype: str, causal: b
     acc = "float32"
     rows, slots, n_idx, batch1, batch, work, part_rows, s_qn, s_qp, s_kv, s_kpe, s_o = _shape_vars()
     no_keys = _no_keys_store(BM, dtype)
-    store = store_rows(BM, 0, batched_reduce, dtype)
+    store = kv_as_m_store_rows(BM, 0, batched_reduce, dtype)
     rope_at = DS_MLA_TAIL - D_KPE  # the rope's first bf16 in a KPE row
 
     STEPS_HALF = DQ_STEPS // 2  # a half block: tokens [0, 32) or [32, 64)

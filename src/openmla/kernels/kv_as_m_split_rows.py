@@ -22,8 +22,16 @@ docs/perf-notes.md). Off by default (``decode_tilelang.KV_AS_M_SPLIT_ROWS``); ke
 # No `from __future__ import annotations`: TileLang evaluates the kernel's annotations.
 import re
 
-from openmla.kernels.decode_tilelang import BLOCK_N, D_CKV, D_KPE, _no_keys_store, _shape_vars, _slot_of
-from openmla.kernels.kv_as_m_ws import mma_block, store_rows
+from openmla.kernels.decode_tilelang import (
+    BLOCK_N,
+    D_CKV,
+    D_KPE,
+    _no_keys_store,
+    _shape_vars,
+    _slot_of,
+    kv_as_m_store_rows,
+)
+from openmla.kernels.kv_as_m_ws import mma_block
 
 THREADS = 384  # two MMA warpgroups, one producer
 MMA_REGS, PRODUCER_REGS = 240, 24
@@ -96,7 +104,7 @@ def split_rows_func(num_heads: int, page_size: int, dtype: str, causal: bool, ba
     def rows_of(w: int):
         """Warpgroup ``w``'s whole piece: the blocks in pairs, then its rows' output."""
         att0, att1 = attend_block(0, w), attend_block(1, w)
-        store = store_rows(HR, w * HR, batched_reduce, dtype)
+        store = kv_as_m_store_rows(HR, w * HR, batched_reduce, dtype)
 
         @T.macro
         def run(kv0, kpe0, kv1, kpe1, q_s, qp_s, p_s, full, empty, bar_q, s_t, o_t, m_i, m_prev, alpha, l_t, l_i,

@@ -1,9 +1,9 @@
 """What the explicitly warp-specialised ``kv_as_m`` variants (``kv_as_m_fp8``,
-``kv_as_m_split_rows``) share: an MMA warpgroup's work on one staged 64-token block, and its rows'
-output. The arithmetic is ``_kv_as_m_func``'s loop body and epilogue, for ``rows`` of the tile
-starting at its row ``first``."""
+``kv_as_m_split_rows``) share: an MMA warpgroup's work on one staged 64-token block, the
+arithmetic of ``_kv_as_m_func``'s loop body for ``rows`` of the tile starting at its row
+``first``. Their rows' output is ``decode_tilelang.kv_as_m_store_rows``, the default kernel's own."""
 
-from openmla.kernels.decode_tilelang import BLOCK_N, D_CKV, LN2
+from openmla.kernels.decode_tilelang import BLOCK_N, D_CKV
 
 
 def mma_block(rows: int, first: int, num_heads: int, causal: bool, batched_reduce: bool, dtype: str,
@@ -45,36 +45,3 @@ def mma_block(rows: int, first: int, num_heads: int, causal: bool, batched_reduc
         T.gemm(kv_s, p_s, o_t, transpose_A=True)
 
     return block
-
-
-def store_rows(rows: int, first: int, batched_reduce: bool, dtype: str):
-    """The rows' normalised output and lse, to ``Out``/``Lse`` (an unsplit request) or to the
-    piece's partial rows; rows from ``valid`` on (past the request's) are not stored."""
-    import tilelang.language as T
-
-    acc = "float32"
-    red_batch = rows // 4 if batched_reduce else 1
-
-    @T.macro
-    def store(l_t, l_i, o_t, m_i, lse_f, Out, Lse, PartO, PartLse, row0, rq0, part_row, valid):
-        T.reduce_sum(l_t, l_i, dim=0, batch=red_batch)
-        for c, r in T.Parallel(D_CKV, rows):
-            o_t[c, r] = o_t[c, r] / T.if_then_else(l_i[r] > 0, l_i[r], 1)
-        for r in T.Parallel(rows):
-            lse_f[r] = T.if_then_else(l_i[r] > 0, (m_i[r] + T.log2(l_i[r])) * LN2, -T.infinity(acc))
-        if part_row < 0:
-            for r, c in T.Parallel(rows, D_CKV):
-                if first + r < valid:
-                    Out[row0 + first + r, c] = T.cast(o_t[c, r], dtype)
-            for r in T.Parallel(rows):
-                if first + r < valid:
-                    Lse[row0 + first + r] = lse_f[r]
-        else:
-            for r, c in T.Parallel(rows, D_CKV):
-                if first + r < valid:
-                    PartO[part_row + rq0 + first + r, c] = o_t[c, r]
-            for r in T.Parallel(rows):
-                if first + r < valid:
-                    PartLse[part_row + rq0 + first + r] = lse_f[r]
-
-    return store

@@ -116,13 +116,8 @@ def _merge_kernel(
     NUM_STAGES: tl.constexpr,
     ORDERED: tl.constexpr,
     USE_PDL: tl.constexpr,
+    MAP_EARLY: tl.constexpr,
 ):
-    if USE_PDL:  # launched early (programmatic dependent launch): the previous kernel's writes
-        tl.extra.cuda.gdc_wait()  # are visible after this; no global memory is touched before it
-        # Only now may the next PDL kernel start (to wait in turn): triggering before the wait lets
-        # a chain of reduces park programs on the SMs kernels ahead (H100: small reduces 5-20%
-        # slower, one config 1.75x).
-        tl.extra.cuda.gdc_launch_dependents()
     # Program order: column block fastest, then head block, then token, so neighbouring programs
     # read neighbouring bytes of each piece.
     num_db = D // BLOCK_D
@@ -131,11 +126,22 @@ def _merge_kernel(
     n_hb = tl.cdiv(num_heads, BLOCK_H)
     i_hb = (pid // num_db) % n_hb
     i_t = pid // num_db // n_hb
+    if MAP_EARLY:  # the decode's plan wrote the map before the kernel waited on below ran: its
+        # round trip overlaps the wait
+        n_parts = tl.load(tok_num_parts + i_t)
+        row0 = tl.load(tok_part_row + i_t)
+        stride = tl.load(tok_part_stride + i_t)
+    if USE_PDL:  # launched early (programmatic dependent launch): the previous kernel's writes
+        tl.extra.cuda.gdc_wait()  # are visible after this; only a plan's map is read before it
+        # Only now may the next PDL kernel start (to wait in turn): triggering before the wait lets
+        # a chain of reduces park programs on the SMs kernels ahead (H100: small reduces 5-20%
+        # slower, one config 1.75x).
+        tl.extra.cuda.gdc_launch_dependents()
     if DENSE:
         n_parts = dense_parts
         row0 = i_t * num_heads
         stride = num_tokens * num_heads
-    else:
+    elif not MAP_EARLY:
         n_parts = tl.load(tok_num_parts + i_t)
         row0 = tl.load(tok_part_row + i_t)
         stride = tl.load(tok_part_stride + i_t)
@@ -189,8 +195,10 @@ def _merge_args(part_o, part_lse, out, lse, tok_arrays, num_tokens: int, dense_p
 
 
 def _launch_args(part_o, part_lse, out, lse, tok_arrays, num_tokens: int, dense_parts: int,
-                 config: ReduceConfig, pdl: bool) -> tuple[int, tuple, dict]:
-    """The merge kernel's grid size (0: nothing to launch), arguments and constexprs."""
+                 config: ReduceConfig, pdl: bool, map_early: bool = False) -> tuple[int, tuple, dict]:
+    """The merge kernel's grid size (0: nothing to launch), arguments and constexprs.
+    ``map_early``: the reduce map is read before the PDL wait, for a map no kernel writes (a
+    plan's); a caller's map may come from the kernel just before."""
     num_heads, d = out.shape[1], out.shape[2]
     block_d = min(config.block_d, d)
     # plain integer arithmetic: triton.cdiv and next_power_of_2 are JIT functions (~2 us a call)
@@ -199,6 +207,7 @@ def _launch_args(part_o, part_lse, out, lse, tok_arrays, num_tokens: int, dense_
     args = _merge_args(part_o, part_lse, out, lse, tok_arrays, num_tokens, dense_parts, out.stride(), lse.stride(0))
     kwargs = dict(D=d, DENSE=dense_parts > 0, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_S=config.block_s,
                   NUM_STAGES=config.num_stages, ORDERED=bool(config.ordered), USE_PDL=pdl,
+                  MAP_EARLY=bool(map_early and pdl and not dense_parts),
                   num_warps=config.num_warps, num_stages=config.num_stages,
                   **({"launch_pdl": True} if pdl else {}))
     return grid, args, kwargs
@@ -217,7 +226,8 @@ class PlannedMerge:
     given per call. Once launched, a call whose ``out``/``lse`` have the last call's dtype,
     16-byte alignment and strides launches the compiled kernel directly: the generic launch's key
     over every argument costs ~8 us of host time a call, and a decode step calls ``run()`` once
-    per layer. PDL is decided here, once (``OPENMLA_REDUCE_PDL`` is read at plan time)."""
+    per layer. PDL is decided here, once (``OPENMLA_REDUCE_PDL`` is read at plan time). The reduce
+    map is the plan's (copied in before the decode runs), so it is read before the PDL wait."""
 
     def __init__(self, part_o: torch.Tensor, part_lse: torch.Tensor, tok_arrays: tuple, num_tokens: int,
                  config: ReduceConfig) -> None:
@@ -237,7 +247,7 @@ class PlannedMerge:
                                      s_out, s_lse))
             return
         grid, args, kwargs = _launch_args(self._part_o, self._part_lse, out, lse, self._tok_arrays, self._num_tokens,
-                                          0, self._config, self._pdl)
+                                          0, self._config, self._pdl, map_early=True)
         if grid:
             hit = launch(_merge_kernel, (grid,), args, kwargs)
             self._direct = None if hit is None else (sig, hit, (grid,))

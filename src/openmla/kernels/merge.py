@@ -91,6 +91,12 @@ def _merge_in_order(part_o, part_lse, row0, stride, n_parts, num_heads, o_h, m_h
     return b_m, b_l, b_acc
 
 
+@triton.jit
+def _map_entry(tok_part_row, tok_num_parts, tok_part_stride, i_t):
+    """Token ``i_t``'s reduce-map entry: its piece count, first partial row and piece stride."""
+    return tl.load(tok_num_parts + i_t), tl.load(tok_part_row + i_t), tl.load(tok_part_stride + i_t)
+
+
 # The token count, head count and piece count are not specialised on (divisibility by 16, == 1):
 # addresses take their alignment from D, so one compiled kernel serves every shape of a config.
 @triton.jit(do_not_specialize=["num_tokens", "num_heads", "dense_parts"])
@@ -128,9 +134,7 @@ def _merge_kernel(
     i_t = pid // num_db // n_hb
     if MAP_EARLY:  # the decode's plan wrote the map before the kernel waited on below ran: its
         # round trip overlaps the wait
-        n_parts = tl.load(tok_num_parts + i_t)
-        row0 = tl.load(tok_part_row + i_t)
-        stride = tl.load(tok_part_stride + i_t)
+        n_parts, row0, stride = _map_entry(tok_part_row, tok_num_parts, tok_part_stride, i_t)
     if USE_PDL:  # launched early (programmatic dependent launch): the previous kernel's writes
         tl.extra.cuda.gdc_wait()  # are visible after this; only a plan's map is read before it
         # Only now may the next PDL kernel start (to wait in turn): triggering before the wait lets
@@ -142,9 +146,7 @@ def _merge_kernel(
         row0 = i_t * num_heads
         stride = num_tokens * num_heads
     elif not MAP_EARLY:
-        n_parts = tl.load(tok_num_parts + i_t)
-        row0 = tl.load(tok_part_row + i_t)
-        stride = tl.load(tok_part_stride + i_t)
+        n_parts, row0, stride = _map_entry(tok_part_row, tok_num_parts, tok_part_stride, i_t)
     if n_parts == 0:
         return
     o_h = i_hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]

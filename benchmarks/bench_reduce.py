@@ -177,8 +177,16 @@ def timer_check(dev: torch.device) -> dict:
     return result
 
 
-def _geomean(values: list[float]) -> float | None:
+def geomean(values) -> float | None:
+    values = list(values)
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def grid_points(tokens: int, heads: int, sm_count: int) -> dict[int, str]:
+    """The split counts the grid times at a point: the adaptive one, and the fixed one."""
+    points = {adaptive_num_splits(tokens, heads, sm_count): "adaptive"}
+    points.setdefault(FIXED_SPLITS, "fixed")
+    return points
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -196,7 +204,7 @@ def summarise(rows: list[dict]) -> dict:
         if fi and fi["us"] is not None and fi["us"] < ours:
             flashinfer_lost.append(point)
     big = [r["GBps"] for r in rows if r["impl"] == "tuned" and r["tokens"] >= 64]
-    geo = {k: _geomean(v) for k, v in ratios.items()}
+    geo = {k: geomean(v) for k, v in ratios.items()}
     summary = {f"geomean_speedup_vs_{k}": v for k, v in geo.items()} | {
         "flashinfer_points_timed": len(ratios["flashinfer"]),
         "flashinfer_points_failed": [list(p) for p, i in by_point.items() if i.get("flashinfer", {}).get("error")],
@@ -287,9 +295,7 @@ def main() -> int:
     done = {(r["tokens"], r["heads"], r["splits"]) for r in state["rows"] if r["impl"] == "tuned"}
     for t in map(int, args.tokens.split(",")):
         for h in map(int, args.heads.split(",")):
-            points = {adaptive_num_splits(t, h, sm_count): "adaptive"}
-            points.setdefault(FIXED_SPLITS, "fixed")
-            for s, label in points.items():
+            for s, label in grid_points(t, h, sm_count).items():
                 if (t, h, s) in done:
                     continue
                 new, cuda = bench_point(t, h, s, label, info["gpu"], peer, dev)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -32,10 +31,10 @@ from openmla import merge_states
 from openmla.config import untuned_reduce_config
 from openmla.kernels.merge import use_pdl
 from openmla.reduce_timing import make_partials, merge_bytes, provenance, rotations_for, time_us
-from openmla.tuning import adaptive_num_splits, reduce_config
+from openmla.tuning import reduce_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_reduce import FIXED_SPLITS, HEADS, TOKENS, D, short
+from bench_reduce import HEADS, TOKENS, D, geomean, grid_points, short
 
 # (partial elements a program reads from each piece, warps): 2 to 16 elements a thread; the small
 # blocks give the small points enough programs
@@ -107,11 +106,6 @@ def bench_point(tokens: int, heads: int, splits: int, label: str, dev: torch.dev
     return row
 
 
-def geomean(values) -> float:
-    values = list(values)
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=str(Path(os.environ.get("OUT", ".")) / "bench_reduce_floor.json"))
@@ -132,9 +126,7 @@ def main() -> int:
     rows = []
     for t in map(int, args.tokens.split(",")):
         for h in map(int, args.heads.split(",")):
-            points = {adaptive_num_splits(t, h, int(info["sm_count"])): "adaptive"}
-            points.setdefault(FIXED_SPLITS, "fixed")
-            for s, label in points.items():
+            for s, label in grid_points(t, h, int(info["sm_count"])).items():
                 row = bench_point(t, h, s, label, dev, pdl)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

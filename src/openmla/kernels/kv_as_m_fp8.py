@@ -23,9 +23,11 @@ landed), ``conv_full[b]`` (the converter's tile written and fenced for the async
 ``_kv_as_m_func(ds_mla=True)``: ``KV`` the e4m3 view of the rows' codes (scales at byte 512 of each
 row), ``KPE`` the bf16 view of their last 144 bytes (scales as 8 bf16, then the rope).
 
-Measured slower than the default (W8 kernel 180 us against 166-170, H200, session 15): the block's
-shared-memory traffic, not the conversion's latency, bounds it (docs/perf-notes.md). Off by
-default (``decode_tilelang.KV_AS_M_FP8_CONVERTER``); kept for A/B runs.
+Measured slower than the default (W8 kernel 180 us against 166-170, H200, session 15). Session
+15 put it down to the block's shared-memory traffic; session 18 measured the default's
+dequantisation at 36% of its kernel (160.5 -> 102.6 us compiled out), so why running it beside
+the products does not pay is not settled (docs/perf-notes.md). Off by default
+(``decode_tilelang.KV_AS_M_FP8_CONVERTER``); kept for A/B runs.
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the kernel's annotations.

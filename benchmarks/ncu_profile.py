@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import csv
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 STALLS_MIN_SHARE = 0.004  # regions below this share of a kernel's samples are not printed
 
@@ -39,16 +37,14 @@ def _run_inner(specs: list[str]) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
+    from ab_env import kernel_attrs
     from bench_decode import Ours
 
-    from openmla.kernels import decode_tilelang
     from openmla.workloads import WORKLOADS, make_device_batch
 
     for spec in specs:
         name, _, attrs = spec.partition(":")
-        attrs = json.loads(attrs) if attrs else {}
-        patch = mock.patch.multiple(decode_tilelang, **attrs) if attrs else contextlib.nullcontext()
-        with patch:
+        with kernel_attrs(json.loads(attrs) if attrs else {}):
             batch = make_device_batch(WORKLOADS[name], "cuda", rotations=1)
             call = Ours(batch, 1).fns()[0]
             for _ in range(3):
